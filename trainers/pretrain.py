@@ -1,0 +1,111 @@
+"""``python -m trainers.pretrain``: one pretraining run with probe evaluation, in this process.
+
+Every field of :class:`trainers.config.TrainConfig` is a flag (``--help`` lists them with their defaults).
+The run folder holds ``config.json``, ``metrics.jsonl`` (one line per epoch), ``checkpoint.pt`` (written
+atomically after every epoch) and ``results.json`` (final probe accuracies). Its default name depends only
+on the configuration, so running the same command with ``--resume`` continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainers.config import TrainConfig
+from trainers.loop import Trainer, load_checkpoint, save_checkpoint
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``TrainConfig`` field, typed and documented from the dataclass itself."""
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=types[str(f.type)], default=f.default,
+                                choices=f.metadata.get("choices"), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    """``runs/<method>-<dataset>-<hash of the config>``: the same config always maps to the same folder."""
+    digest = hashlib.sha256(config.to_json().encode()).hexdigest()[:10]
+    return Path("runs") / f"{config.method}-{config.dataset}-{digest}"
+
+
+def write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def run(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> dict[str, float]:
+    """Train (or continue) the run in ``run_dir`` and return its final metrics."""
+    checkpoint = run_dir / CHECKPOINT
+    if checkpoint.exists() and not resume:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or pick another "
+                              "--run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config)
+    if resume and checkpoint.exists():
+        trainer.load_state_dict(load_checkpoint(checkpoint))
+        print(f"resumed from {checkpoint} after epoch {trainer.epoch}", flush=True)
+    write_json(run_dir / "config.json", config.to_dict())
+
+    def on_epoch(trainer: Trainer, metrics: dict[str, float]) -> None:
+        save_checkpoint(trainer.state_dict(), checkpoint)
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(metrics, sort_keys=True) + "\n")
+        shown = ("loss", "knn_monitor_accuracy", "positive_cosine", "negative_cosine", "uniformity",
+                 "queue_key_consistency", "images_per_second")
+        print(f"epoch {metrics['epoch']:>3}/{config.epochs} "
+              + " ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics), flush=True)
+
+    final = trainer.fit(on_epoch)
+    write_json(run_dir / "results.json", final)
+    return final
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainers.pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="output folder (default: runs/<method>-<dataset>-<config hash>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_dir = args.run_dir or default_run_dir(config)
+    print(f"config:\n{config.to_json()}\nrun folder: {run_dir}", flush=True)
+    final = run(config, run_dir, resume=args.resume)
+    print("final metrics:")
+    for name, value in sorted(final.items()):
+        print(f"  {name:40s} {value:.4f}" if isinstance(value, float) else f"  {name:40s} {value}")
+    print(f"results: {run_dir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
