@@ -166,7 +166,8 @@ class Trainer:
         method = build_method(config, info.channels)
         if config.bn_mode == "sync" and self.world_size > 1:
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        self.method: ContrastiveMethod = method.to(self.device)
+        # channels_last: ~20% faster convolutions on CPU (oneDNN) and on tensor-core GPUs.
+        self.method: ContrastiveMethod = method.to(self.device, memory_format=torch.channels_last)
         self.model: nn.Module = wrap_model(self.method) if wrap_model else self.method
 
         pairs = TwoViewDataset(
@@ -243,7 +244,9 @@ class Trainer:
         self._generator.manual_seed(epoch_seed)
         torch.manual_seed(epoch_seed)
         for view1, view2, _ in self.loader:
-            yield (view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True))
+            yield tuple(  # type: ignore[misc]
+                v.to(self.device, non_blocking=True, memory_format=torch.channels_last) for v in (view1, view2)
+            )
 
     def train_epoch(self) -> dict[str, float]:
         """Train one epoch and return its metrics (averaged over steps and ranks); rank 0 adds the monitor."""
