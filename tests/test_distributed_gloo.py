@@ -133,3 +133,54 @@ def test_moco_queue_is_global_and_identical_on_every_rank(tmp_path: Path) -> Non
         for name, value in expected.items():  # online and momentum encoders after the step, too
             torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-6, msg=name)
     torch.testing.assert_close(ranks[0]["state"]["queue"], ranks[1]["state"]["queue"], rtol=0, atol=0)
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+def _bn_inputs() -> torch.Tensor:
+    return torch.randn(WORLD * B, 2, 6, 6, generator=torch.Generator().manual_seed(5))
+
+
+def _global_bn_worker(rank: int, store: str, out_dir: str) -> None:
+    from trainers.global_bn import convert_to_global_batchnorm
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        model = DistributedDataParallel(convert_to_global_batchnorm(_bn_model()), broadcast_buffers=False)
+        x = _bn_inputs()[rank * B : (rank + 1) * B]
+        out = model(x)
+        out.pow(2).mean().backward()
+        torch.save({"out": out.detach(), "grads": [p.grad for p in model.parameters()],
+                    "running": [model.module[1].running_mean, model.module[1].running_var]},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_global_batchnorm_equals_batchnorm_on_the_whole_batch(tmp_path: Path) -> None:
+    ranks = _spawn(_global_bn_worker, tmp_path)
+    model = _bn_model()
+    out = model(_bn_inputs())
+    out.pow(2).mean().backward()
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out.detach(), rtol=1e-4, atol=1e-5)
+    for result in ranks:
+        for ours, reference in zip(result["grads"], [p.grad for p in model.parameters()]):
+            torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(result["running"][0], model[1].running_mean, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(result["running"][1], model[1].running_var, rtol=1e-4, atol=1e-6)
+
+
+def test_conversion_keeps_frozen_parameters_frozen() -> None:
+    """MoCo's key encoder stays frozen: a trainable copy would make DDP wait for gradients that never come."""
+    from trainers.global_bn import GlobalBatchNorm, convert_to_global_batchnorm
+
+    model = _moco(queue_length=4)
+    model.backbone = nn.Sequential(nn.Linear(10, 12), nn.BatchNorm1d(12))
+    model.key_backbone = nn.Sequential(nn.Linear(10, 12), nn.BatchNorm1d(12)).requires_grad_(False)
+    model = convert_to_global_batchnorm(model)
+    assert isinstance(model.backbone[1], GlobalBatchNorm) and isinstance(model.key_backbone[1], GlobalBatchNorm)
+    assert model.backbone[1].weight.requires_grad and not model.key_backbone[1].weight.requires_grad

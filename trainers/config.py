@@ -57,7 +57,7 @@ class TrainConfig:
     queue_length: int = _f(4096, "MoCo: number of keys K in the queue (multiple of the keys per step)")
     symmetric: bool = _f(False, "MoCo: symmetric loss (both views as queries; enqueues both key views)")
     bn_mode: str = _f(
-        "shuffle", "multi-worker BN: shuffle (MoCo shuffle-BN), sync (SyncBatchNorm, GPU) or local",
+        "shuffle", "BN across workers: shuffle (MoCo's shuffle-BN), sync (global BN statistics) or local (per worker)",
         choices=BN_MODES,
     )
     # evaluation

@@ -1,9 +1,11 @@
-"""``python -m trainers.pretrain``: one pretraining run with probe evaluation, in this process.
+"""``python -m trainers.pretrain``: one pretraining run with probe evaluation, in this process or on Ray Train.
 
 Every field of :class:`trainers.config.TrainConfig` is a flag (``--help`` lists them with their defaults).
 The run folder holds ``config.json``, ``metrics.jsonl`` (one line per epoch), ``checkpoint.pt`` (written
 atomically after every epoch) and ``results.json`` (final probe accuracies). Its default name depends only
 on the configuration, so running the same command with ``--resume`` continues where it stopped.
+With ``--workers N`` the run is data-parallel on N Ray Train workers (``--address`` joins an existing cluster);
+Ray Train then keeps the checkpoints in the run folder and restarts failed workers from them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 
-from trainers.config import TrainConfig
+from trainers.config import TrainConfig, validate
 from trainers.loop import Trainer, load_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
@@ -82,6 +84,44 @@ def run(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> dict[str
     return final
 
 
+def run_on_ray(
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    workers: int,
+    address: str | None,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    max_failures: int,
+    resume: bool = False,
+) -> dict[str, float]:
+    """The same run, data-parallel on ``workers`` Ray Train workers (this machine, or the cluster at ``address``).
+
+    Ray Train keeps its checkpoints under ``run_dir``; it must be on storage every node sees for multi-node runs.
+    """
+    import ray
+
+    from trainers.distributed import make_torch_trainer
+
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or pick another "
+                              "--run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", config.to_dict())
+    if address:
+        ray.init(address=address)
+    else:  # a local cluster: dashboard on loopback only, Ray's token authentication left on
+        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+    trainer = make_torch_trainer(config, workers=workers, storage_path=str(run_dir.resolve().parent),
+                                 name=run_dir.name, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                                 max_failures=max_failures)
+    result = trainer.fit()
+    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    write_json(run_dir / "results.json", final)
+    return final
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainers.pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,16 +130,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="output folder (default: runs/<method>-<dataset>-<config hash>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ray_flags = parser.add_argument_group("data-parallel on Ray Train (--workers >= 1)")
+    ray_flags.add_argument("--workers", type=int, default=0,
+                           help="Ray Train workers; 0 = train in this process without Ray (default: 0)")
+    ray_flags.add_argument("--address", default=None,
+                           help="join this Ray cluster (e.g. auto or HEAD_IP:6379); default: start a local one")
+    ray_flags.add_argument("--use-gpu", action="store_true", help="one GPU per worker (nccl)")
+    ray_flags.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default: 1)")
+    ray_flags.add_argument("--max-failures", type=int, default=2,
+                           help="worker-group restarts from the last checkpoint before giving up (default: 2)")
     args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     try:
         config = config_from_args(args)
+        validate(config, world_size=max(args.workers, 1))
     except ValueError as error:
         parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or default_run_dir(config)
     print(f"config:\n{config.to_json()}\nrun folder: {run_dir}", flush=True)
-    final = run(config, run_dir, resume=args.resume)
+    if args.workers:
+        final = run_on_ray(config, run_dir, workers=args.workers, address=args.address, use_gpu=args.use_gpu,
+                           cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, resume=args.resume)
+    else:
+        final = run(config, run_dir, resume=args.resume)
     print("final metrics:")
     for name, value in sorted(final.items()):
         print(f"  {name:40s} {value:.4f}" if isinstance(value, float) else f"  {name:40s} {value}")
