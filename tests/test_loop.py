@@ -34,14 +34,15 @@ TINY = {
 
 @pytest.mark.slow
 def test_short_simclr_run_beats_the_same_backbone_at_random_init() -> None:
-    # ~30 s on 2 cores: 3 epochs of 2048 images. Measured here: kNN 0.617 vs 0.585 at random init.
-    config = TrainConfig(method="simclr", pretrain_subset=2048, batch_size=256, epochs=3, lr=0.5, temperature=0.2,
+    # ~40 s on 2 cores: 3 epochs of 2048 images, 48 steps. Measured here: kNN 0.638 vs 0.585 at random init,
+    # linear probe 0.796 vs 0.757 (batch 256 with half the steps gave only 0.587 vs 0.585: steps matter here).
+    config = TrainConfig(method="simclr", pretrain_subset=2048, batch_size=128, epochs=3, lr=0.3, temperature=0.2,
                          val_size=1000, probe_train_subset=2000, test_subset=1000, monitor_bank_size=0, device="cpu")
     trainer = Trainer(config)
     final = trainer.fit()
     losses = [epoch["loss"] for epoch in trainer.history]
     assert losses[-1] < losses[0]
-    assert final["knn_val_accuracy"] > final["random_init_knn_val_accuracy"] + 0.01, final
+    assert final["knn_val_accuracy"] > final["random_init_knn_val_accuracy"] + 0.02, final
     assert final["linear_val_accuracy"] > final["random_init_linear_val_accuracy"], final
     for name in ("linear_val_accuracy", "linear_test_accuracy", "raw_pixel_linear_val_accuracy",
                  "random_init_linear_val_accuracy"):

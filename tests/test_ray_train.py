@@ -42,7 +42,8 @@ TINY = {
 def local_ray() -> Iterator[None]:
     # Workers import this module's loop functions by name, so they need the tests folder on their path.
     tests_folder = str(Path(__file__).resolve().parent)
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": tests_folder}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": tests_folder}})
     yield
     ray.shutdown()
 

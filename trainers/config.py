@@ -7,6 +7,7 @@ printed and saved (``config.json``) with every run.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -165,3 +166,27 @@ def validate(config: TrainConfig, *, world_size: int = 1) -> None:
     if c.pretrain_subset:
         _require(c.pretrain_subset >= c.batch_size, "pretrain_subset",
                  f"hold at least one global batch ({c.batch_size} images)", c.pretrain_subset)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One typed, documented flag per field of a config dataclass (``--field-name``; booleans get ``--no-``).
+
+    Flags that are not given are absent from the parsed namespace, so values from a config file are only
+    overridden by flags the user actually typed.
+    """
+    types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=types[str(f.type)], default=argparse.SUPPRESS,
+                                choices=f.metadata.get("choices"), help=help_text)
+
+
+def dataclass_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of ``cls`` that were given on the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}

@@ -17,11 +17,12 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
+import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from trainers.config import TrainConfig, validate
-from trainers.loop import Trainer, load_checkpoint, save_checkpoint
+from trainers.loop import DivergedError, Trainer, load_checkpoint, save_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -56,17 +57,27 @@ def build_worker_trainer(config: TrainConfig) -> Trainer:
 
 def run_worker(loop_config: dict[str, Any], *, after_epoch: Callable[[Trainer], None] | None = None) -> None:
     """The body of every worker; ``after_epoch`` runs after an epoch's training, before its report."""
+    # Ray sets OMP_NUM_THREADS to the integer part of the worker's CPUs; use every CPU it was given.
+    torch.set_num_threads(max(1, round(loop_config.get("cpus_per_worker", torch.get_num_threads()))))
     trainer = build_worker_trainer(TrainConfig.from_dict(loop_config["train"]))
+    identity = {"seed": trainer.config.seed}
     metrics: dict[str, Any] = dict(trainer.history[-1]) if trainer.history else {}
-    while trainer.epoch < trainer.config.epochs:
-        metrics = trainer.train_epoch() | {"is_final": False}
-        if after_epoch is not None:
-            after_epoch(trainer)
-        _report(trainer, metrics)
+    try:
+        while trainer.epoch < trainer.config.epochs:
+            metrics = trainer.train_epoch() | identity | {"is_final": False}
+            if after_epoch is not None:
+                after_epoch(trainer)
+            _report(trainer, metrics)
+    except DivergedError as error:
+        # Every rank raises at the same step (the finiteness check is all-reduced), so all report together. Not
+        # an error for Ray: retrying would diverge again. The run ends, marked, with its last good checkpoint.
+        ray.train.report({**metrics, **identity, "is_final": True, "status": "diverged",
+                          "failure_reason": str(error), "epochs_done": trainer.epoch})
+        return
     final = trainer.evaluate() if trainer.rank == 0 else {}
     # The final report carries a checkpoint too: Train V2's Result.metrics are those of the last checkpointed one.
-    _report(trainer, {**metrics, **final, "epochs_done": trainer.epoch, "final_loss": metrics.get("loss"),
-                      "is_final": True})
+    _report(trainer, {**metrics, **final, **identity, "epochs_done": trainer.epoch, "final_loss": metrics.get("loss"),
+                      "is_final": True, "status": "completed"})
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -97,7 +108,7 @@ def make_torch_trainer(
     resources = {"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     return TorchTrainer(
         loop,
-        train_loop_config={"train": config.to_dict(), **(loop_extras or {})},
+        train_loop_config={"train": config.to_dict(), "cpus_per_worker": cpus_per_worker, **(loop_extras or {})},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=placement_strategy),
         run_config=RunConfig(

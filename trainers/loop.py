@@ -249,6 +249,13 @@ class Trainer:
                 v.to(self.device, non_blocking=True, memory_format=self.memory_format) for v in (view1, view2)
             )
 
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank: all ranks must stop at the same step, or the others hang."""
+        finite = torch.isfinite(loss).to(torch.int32)
+        if self.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite)
+
     def train_epoch(self) -> dict[str, float]:
         """Train one epoch and return its metrics (averaged over steps and ranks); rank 0 adds the monitor."""
         self.model.train()
@@ -263,8 +270,9 @@ class Trainer:
                 break
             output = training_step(self.model, *batch, self.optimizer)
             loss = output.loss.detach()
-            if not torch.isfinite(loss):
-                raise DivergedError(f"loss became {loss.item()} at epoch {self.epoch}, step {self.global_step}")
+            if not self._all_finite(loss):
+                raise DivergedError(f"loss became non-finite ({loss.item()} here) at epoch {self.epoch + 1}, "
+                                    f"step {self.global_step}")
             self.scheduler.step()
             self.global_step += 1
             steps += 1

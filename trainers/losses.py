@@ -74,15 +74,14 @@ def nt_xent(
         raise ValueError(f"offset must lie in [0, {big_n - n}] for {n} local rows of {big_n}, got {offset}")
 
     anchors = _normalized(torch.cat([z1, z2]))  # (2n, D)
-    keys = _normalized(torch.cat([c1, c2]))  # (2N, D)
-    logits = anchors @ keys.T / temperature  # (2n, 2N)
+    keys = anchors if candidates is None else _normalized(torch.cat([c1, c2]))  # (2N, D)
+    # Scale the (2n, D) anchors rather than the (2n, 2N) logits: the same numbers, a full pass fewer.
+    logits = (anchors / temperature) @ keys.T  # (2n, 2N)
 
     local = torch.arange(n, device=z1.device) + offset
     self_index = torch.cat([local, local + big_n])  # where each anchor sits among the candidates
     positive_index = torch.cat([local + big_n, local])  # its other view
-    self_mask = torch.zeros_like(logits, dtype=torch.bool)
-    self_mask[torch.arange(2 * n, device=z1.device), self_index] = True
-    logits = logits.masked_fill(self_mask, float("-inf"))
+    logits[torch.arange(2 * n, device=z1.device), self_index] = float("-inf")  # in place: matmul keeps no output
     return F.cross_entropy(logits, positive_index)
 
 
@@ -114,10 +113,11 @@ def info_nce(query: Tensor, positive_key: Tensor, negatives: Tensor, *, temperat
         )
     if negatives.ndim != 2 or negatives.shape[1] != query.shape[1]:
         raise ValueError(f"negatives must have shape (K, {query.shape[1]}), got {tuple(negatives.shape)}")
-    q, k, neg = _normalized(query), _normalized(positive_key), _normalized(negatives)
+    q = _normalized(query) / temperature  # scaling the (n, D) queries, not the (n, K + 1) logits
+    k, neg = _normalized(positive_key), _normalized(negatives)
     positive_logit = (q * k).sum(dim=1, keepdim=True)  # (n, 1)
     negative_logits = q @ neg.T  # (n, K)
-    logits = torch.cat([positive_logit, negative_logits], dim=1) / temperature
+    logits = torch.cat([positive_logit, negative_logits], dim=1)
     target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, target)
 

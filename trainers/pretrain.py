@@ -11,7 +11,6 @@ Ray Train then keeps the checkpoints in the run folder and restarts failed worke
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import sys
@@ -21,28 +20,18 @@ from typing import Any
 
 import torch
 
-from trainers.config import TrainConfig, validate
+from trainers.config import TrainConfig, add_dataclass_arguments, dataclass_values, validate
 from trainers.loop import Trainer, load_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``TrainConfig`` field, typed and documented from the dataclass itself."""
-    types = {"int": int, "float": float, "str": str}
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default!r})"
-        if f.type == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=types[str(f.type)], default=f.default,
-                                choices=f.metadata.get("choices"), help=help_text)
+    add_dataclass_arguments(parser, TrainConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    return TrainConfig(**dataclass_values(TrainConfig, args))
 
 
 def default_run_dir(config: TrainConfig) -> Path:
@@ -111,7 +100,8 @@ def run_on_ray(
     if address:
         ray.init(address=address)
     else:  # a local cluster: dashboard on loopback only, Ray's token authentication left on
-        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        # address="local": always a new cluster, never one that happens to run on this machine.
+        context = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
         print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
     trainer = make_torch_trainer(config, workers=workers, storage_path=str(run_dir.resolve().parent),
                                  name=run_dir.name, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,

@@ -1,0 +1,337 @@
+"""Forward+backward time of our contrastive losses against a plain reference, lightly, and the matmul floor.
+
+What is measured, per call (median over interleaved rounds, in milliseconds):
+
+* ``nt_xent`` (SimCLR, ``trainers.losses``) on ``z1, z2`` of shape (N, D), N in {256, 1024, 4096}, D = 128,
+  both with gradient, against
+  - ``reference``: the textbook version written below: normalise ``cat(z1, z2)``, one full (2N x 2N) similarity
+    matrix, diagonal set to -1e9 in place, ``cross_entropy`` with the other view as the target;
+  - ``lightly``: ``lightly.loss.NTXentLoss(temperature)`` (four (N x N) blocks, the diagonal removed by indexing);
+  - ``floor``: the bare matrix products the loss cannot avoid, into preallocated outputs: forward
+    (2N x D) @ (D x 2N), backward G @ A and G^T @ A (the gradient of A A^T with respect to both operands).
+* ``info_nce`` (MoCo) with N = 256 queries (with gradient), N positive keys and K in {4096, 65536} queue
+  negatives (no gradient, already unit-norm, as in MoCo's queue), against
+  - ``reference``: MoCo's own code: normalise q and k, ``einsum`` logits (positive first), ``cross_entropy``;
+    the queue is used as stored (it holds normalised keys);
+  - ``lightly``: ``NTXentLoss(temperature, memory_bank_size=(K, D))`` with its bank set to the same queue. It
+    also clones its bank and enqueues the N keys on every call (our ``MoCo.forward`` clones the queue outside
+    ``info_nce``, so that copy is not in our number);
+  - ``floor``: forward (N x D) @ (D x K), backward one (N x K) @ (K x D) (the queue has no gradient, so the
+    gradient needs only the query side).
+
+Every row's contenders are timed in the same process, round-robin (ours, reference, lightly, floor, then again
+with the order rotated), after a warm-up round; each sample averages enough back-to-back calls to last about
+``--target-ms``. Ratios are of medians. Values are checked first: loss and input gradients of ours against the
+reference and lightly (relative tolerance 1e-5 on the loss; the max abs differences are printed).
+
+Peak memory is measured, not estimated: one extra (untimed) call under ``torch.profiler`` with
+``profile_memory=True``; the peak is the running sum of the CPU allocations and frees recorded during the
+forward+backward (memory held by the inputs before the call is not counted). The size of one float32 logits
+matrix is printed beside it for scale. The floor writes into preallocated buffers, so it has no peak.
+
+Allocator note: glibc serves every allocation above 32 MiB with a fresh ``mmap`` and returns it on free, so
+the large rows (N = 4096, K = 65536) spend much of their time page-faulting new logits buffers in the kernel
+(watch the ``sys`` time). Running with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967295`` (keep freed
+memory in the heap) changes those rows a lot, for every contender but the floor; compare like with like.
+
+Run (about 1-2 minutes on 2 idle cores; ``--quick`` about 20 s):
+
+    .venv/bin/python benchmarks/bench_loss.py
+    .venv/bin/python benchmarks/bench_loss.py --quick
+
+lightly is optional (``pip install -e .[bench]``); without it the lightly columns read "lightly not installed".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from _common import calls_for, interleaved, machine_note, markdown_table, median, spread
+from torch import Tensor
+
+from trainers.losses import info_nce, nt_xent
+
+try:
+    from lightly.loss import NTXentLoss
+
+    LIGHTLY: str | None = None
+except Exception as error:  # not installed, or broken by its own dependencies: run without it
+    NTXentLoss = None  # type: ignore[assignment,misc]
+    LIGHTLY = f"lightly not installed ({error})"
+
+NOT_INSTALLED = "lightly not installed"
+RTOL = 1e-5
+
+
+# ------------------------------------------------------------------------------------------ references
+
+
+def reference_nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+    """SimCLR's NT-Xent as usually written: a full (2N x 2N) similarity matrix with its diagonal masked."""
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(-1e9)  # an anchor is never its own negative
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(logits, targets)
+
+
+def reference_info_nce(query: Tensor, key: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """MoCo's InfoNCE as in its reference code: the queue already holds unit-norm keys."""
+    q, k = F.normalize(query, dim=1), F.normalize(key, dim=1)
+    positive = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+    negative = torch.einsum("nc,kc->nk", q, queue)
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    """One row: the loss under test, its contenders as zero-argument fwd+bwd calls, and their inputs."""
+
+    label: str
+    logits_shape: tuple[int, int]
+    contenders: dict[str, Callable[[], None]] = field(default_factory=dict)
+    values: dict[str, Callable[[], tuple[Tensor, list[Tensor]]]] = field(default_factory=dict)
+
+
+def _fwd_bwd(loss_fn: Callable[[], Tensor], leaves: list[Tensor]) -> Callable[[], None]:
+    def call() -> None:
+        loss_fn().backward()
+        for leaf in leaves:
+            leaf.grad = None
+
+    return call
+
+
+def _value(loss_fn: Callable[[], Tensor], leaves: list[Tensor]) -> Callable[[], tuple[Tensor, list[Tensor]]]:
+    def call() -> tuple[Tensor, list[Tensor]]:
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, leaves)
+        return loss.detach(), list(grads)
+
+    return call
+
+
+def nt_xent_case(n: int, dim: int, temperature: float, *, use_lightly: bool) -> Case:
+    gen = torch.Generator().manual_seed(n)
+    z1 = torch.randn(n, dim, generator=gen).requires_grad_()
+    z2 = torch.randn(n, dim, generator=gen).requires_grad_()
+    leaves = [z1, z2]
+    losses: dict[str, Callable[[], Tensor]] = {
+        "ours": lambda: nt_xent(z1, z2, temperature=temperature),
+        "reference": lambda: reference_nt_xent(z1, z2, temperature),
+    }
+    if use_lightly:
+        lightly_loss = NTXentLoss(temperature=temperature)
+        losses["lightly"] = lambda: lightly_loss(z1, z2)
+    case = Case(f"nt_xent N={n} D={dim}", (2 * n, 2 * n))
+    case.contenders = {name: _fwd_bwd(fn, leaves) for name, fn in losses.items()}
+    case.values = {name: _value(fn, leaves) for name, fn in losses.items()}
+
+    a = F.normalize(torch.randn(2 * n, dim, generator=gen), dim=1)
+    g = torch.randn(2 * n, 2 * n, generator=gen)
+    s, da1, da2 = torch.empty(2 * n, 2 * n), torch.empty(2 * n, dim), torch.empty(2 * n, dim)
+
+    def floor() -> None:
+        torch.mm(a, a.T, out=s)  # forward: all similarities
+        torch.mm(g, a, out=da1)  # backward: d/d(rows)
+        torch.mm(g.T, a, out=da2)  # backward: d/d(columns)
+
+    case.contenders["floor"] = floor
+    return case
+
+
+def info_nce_case(n: int, k: int, dim: int, temperature: float, *, use_lightly: bool) -> Case:
+    gen = torch.Generator().manual_seed(k + n)
+    query = torch.randn(n, dim, generator=gen).requires_grad_()
+    key = torch.randn(n, dim, generator=gen)
+    queue = F.normalize(torch.randn(k, dim, generator=gen), dim=1)
+    leaves = [query]
+    losses: dict[str, Callable[[], Tensor]] = {
+        "ours": lambda: info_nce(query, key, queue, temperature=temperature),
+        "reference": lambda: reference_info_nce(query, key, queue, temperature),
+    }
+    if use_lightly:
+        lightly_loss = NTXentLoss(temperature=temperature, memory_bank_size=(k, dim))
+        lightly_loss.memory_bank.bank = queue.clone()
+
+        def lightly_value() -> Tensor:
+            # The bank enqueues ``key`` on every call; for the value check it must hold exactly ``queue``.
+            lightly_loss.memory_bank.bank = queue.clone()
+            lightly_loss.memory_bank.bank_ptr.zero_()
+            return lightly_loss(query, key)
+
+        losses["lightly"] = lambda: lightly_loss(query, key)
+    case = Case(f"info_nce N={n} K={k} D={dim}", (n, k + 1))
+    case.contenders = {name: _fwd_bwd(fn, leaves) for name, fn in losses.items()}
+    case.values = {name: _value(fn, leaves) for name, fn in losses.items()}
+    if use_lightly:
+        case.values["lightly"] = _value(lightly_value, leaves)
+
+    q = F.normalize(torch.randn(n, dim, generator=gen), dim=1)
+    g = torch.randn(n, k, generator=gen)
+    s, dq = torch.empty(n, k), torch.empty(n, dim)
+
+    def floor() -> None:
+        torch.mm(q, queue.T, out=s)  # forward: query x queue similarities
+        torch.mm(g, queue, out=dq)  # backward: the query gradient (the queue has none)
+
+    case.contenders["floor"] = floor
+    return case
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+@dataclass
+class Check:
+    loss_diff: dict[str, float]
+    grad_diff: dict[str, float]
+    ok: dict[str, bool]
+    grad_scale: float = 0.0
+
+
+def check_values(case: Case) -> Check:
+    ours_loss, ours_grads = case.values["ours"]()
+    check = Check({}, {}, {})
+    for name, fn in case.values.items():
+        if name == "ours":
+            continue
+        loss, grads = fn()
+        check.loss_diff[name] = float((ours_loss - loss).abs())
+        check.grad_diff[name] = max(float((a - b).abs().max()) for a, b in zip(ours_grads, grads))
+        check.grad_scale = max(float(g.abs().max()) for g in ours_grads)
+        check.ok[name] = bool(torch.isclose(ours_loss, loss, rtol=RTOL, atol=0.0))
+    return check
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the profiler's native start/stop log lines (kineto writes them straight to fd 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_bytes(fn: Callable[[], None]) -> int | None:
+    """Peak CPU bytes allocated during one call of ``fn`` (running sum of the profiler's allocation events)."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events: list[tuple[int, int]] = []
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
+                events.append((node.start_time_ns, node.extra_fields.alloc_size))
+            stack.extend(node.children)
+    except (AttributeError, RuntimeError):  # a private profiler API: degrade to "n/a" if it changes
+        return None
+    current = peak = 0
+    for _, size in sorted(events):
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _mib(size: int | None) -> str:
+    return "n/a" if size is None else f"{size / 2**20:.1f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None else f"{a / b:.2f}x"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, shorter samples, no N=4096/K=65536")
+    parser.add_argument("--rounds", type=int, default=9, help="timed round-robin rounds per row (quick: 3)")
+    parser.add_argument("--target-ms", type=float, default=150.0, help="duration of one timed sample (quick: 50)")
+    parser.add_argument("--dim", type=int, default=128, help="embedding size D")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[256, 1024, 4096], help="nt_xent batch sizes N")
+    parser.add_argument("--queues", type=int, nargs="*", default=[4096, 65536], help="info_nce queue lengths K")
+    parser.add_argument("--queries", type=int, default=256, help="info_nce queries N")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--no-lightly", action="store_true", help="skip lightly even if it is installed")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.target_ms = 3, 50.0
+        args.sizes = [s for s in args.sizes if s <= 1024] or args.sizes[:1]
+        args.queues = [k for k in args.queues if k <= 4096] or args.queues[:1]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    use_lightly = LIGHTLY is None and not args.no_lightly
+    lightly_note = "skipped (--no-lightly)" if args.no_lightly else (LIGHTLY or "")
+
+    cases = [nt_xent_case(n, args.dim, 0.5, use_lightly=use_lightly) for n in args.sizes]
+    cases += [info_nce_case(args.queries, k, args.dim, 0.2, use_lightly=use_lightly) for k in args.queues]
+
+    print(f"# bench_loss: forward+backward per call ({machine_note()})\n")
+    if not use_lightly:
+        print(f"{lightly_note}\n" if LIGHTLY else f"lightly: {lightly_note}\n")
+    check_rows, time_rows, memory_rows = [], [], []
+    for case in cases:
+        check = check_values(case)
+        for name in check.loss_diff:
+            check_rows.append([case.label, f"ours vs {name}", f"{check.loss_diff[name]:.2e}",
+                               f"{check.grad_diff[name]:.2e}", f"{check.grad_diff[name] / check.grad_scale:.1e}",
+                               "ok" if check.ok[name] else "MISMATCH"])
+
+        calls = calls_for(case.contenders["ours"], args.target_ms / 1e3)
+        samples = interleaved(case.contenders, rounds=args.rounds, calls=calls)
+        ms = {name: median(values) * 1e3 for name, values in samples.items()}
+        lightly_ms = ms.get("lightly")
+        time_rows.append([
+            case.label, f"{ms['ours']:.3f}", f"{ms['reference']:.3f}",
+            f"{lightly_ms:.3f}" if lightly_ms is not None else NOT_INSTALLED, f"{ms['floor']:.3f}",
+            _ratio(ms["ours"], ms["reference"]), _ratio(ms["ours"], lightly_ms), _ratio(ms["ours"], ms["floor"]),
+            spread(samples["ours"]), f"{args.rounds}x{calls}",
+        ])
+        logits_bytes = math.prod(case.logits_shape) * 4
+        peaks = {name: peak_bytes(fn) for name, fn in case.contenders.items() if name != "floor"}
+        memory_rows.append([
+            case.label, "x".join(map(str, case.logits_shape)), f"{logits_bytes / 2**20:.1f}",
+            _mib(peaks["ours"]), _mib(peaks["reference"]),
+            _mib(peaks["lightly"]) if "lightly" in peaks else NOT_INSTALLED,
+            _ratio(peaks["ours"], logits_bytes) if peaks["ours"] is not None else "n/a",
+        ])
+        print(f"done: {case.label}", file=sys.stderr, flush=True)
+
+    print("## Values (fp32, same inputs)\n")
+    print(markdown_table(["case", "pair", "max abs diff loss", "max abs diff grad", "grad diff / max abs grad",
+                          f"loss rtol {RTOL:g}"],
+                         check_rows))
+    print("\n## Time: median ms per forward+backward call (interleaved)\n")
+    print(markdown_table(["case", "ours", "reference", "lightly", "floor (matmuls)", "ours/ref", "ours/lightly",
+                          "ours/floor", "ours spread", "rounds x calls"], time_rows))
+    print("\n## Peak memory of one forward+backward (torch.profiler, CPU allocations, MiB)\n")
+    print(markdown_table(["case", "logits", "one logits matrix", "ours", "reference", "lightly",
+                          "ours in logits matrices"], memory_rows))
+    print(f"\nFinished with {machine_note().split('; ')[-1]}.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""StudyConfig: what a study searches, on what data, with which resources; validated before Ray starts.
+
+Values come from the dataclass defaults, then a YAML (``yaml.safe_load``) or TOML file given with ``--config``,
+then command-line flags. The resolved config is printed and saved as ``study_config.json`` in the study folder;
+launching into that folder again with a different config is refused, naming the differences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import yaml
+
+from search_spaces import SearchSpace, load_space
+from search_spaces.space import REFERENCE_BATCH
+from trainers.config import BACKBONE_NAMES, DATASET_NAMES, TrainConfig
+
+SEARCHERS = ("tpe", "random", "grid")
+SCHEDULERS = ("asha", "none")
+OBJECTIVES = ("linear_val_accuracy", "knn_val_accuracy")
+# Training-set sizes, so "batch larger than the dataset" is refused without loading anything.
+TRAIN_SPLIT_SIZES = {"fashion_mnist": 60000, "cifar10": 50000, "stl10": 105000}
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A hyperparameter study of contrastive pretraining; the defaults are the small default study."""
+
+    name: str = _f("fmnist-contrastive", "study name: the study folder is <storage_path>/<name>")
+    space: str = _f("contrastive", "search space: simclr, moco, contrastive, smoke or a path to a YAML file")
+    dataset: str = _f("fashion_mnist", "dataset", choices=DATASET_NAMES)
+    data_root: str = _f("", "dataset folder; empty = the Debian package folder or the download cache")
+    backbone: str = _f("resnet_small", "encoder architecture", choices=BACKBONE_NAMES)
+    epochs: int = _f(3, "pretraining epochs per trial")
+    pretrain_subset: int = _f(4096, "pretraining images per trial (0 = the whole training split)")
+    probe_train_subset: int = _f(5000, "labeled images that fit the probes (0 = all)")
+    val_size: int = _f(5000, "validation images carved from the training split (the objective is measured here)")
+    test_subset: int = _f(0, "test images (0 = all); reported, never tuned on")
+    num_trials: int = _f(8, "trials (configurations) to run; with grid search, the number of grid points")
+    replicates: int = _f(1, "seeds per configuration (1 = one seed); the searcher sees their mean")
+    workers_per_trial: int = _f(1, "Ray Train workers per trial (data-parallel)")
+    cpus_per_worker: float = _f(0.0, "CPUs per Ray Train worker (torch uses that many threads); 0 = all the "
+                                "cluster's CPUs for one trial at a time")
+    gpus_per_worker: float = _f(0.0, "GPUs per Ray Train worker (0 = CPU training)")
+    max_concurrent_trials: int = _f(0, "0 = as many as the cluster's CPUs/GPUs allow without deadlock")
+    searcher: str = _f("tpe", "search algorithm (Optuna TPE, random, or grid over choice spaces)", choices=SEARCHERS)
+    scheduler: str = _f("asha", "early stopping on the per-epoch kNN monitor (ASHA) or none", choices=SCHEDULERS)
+    grace_epochs: int = _f(1, "ASHA: epochs every trial runs before it can be stopped")
+    objective: str = _f("linear_val_accuracy", "what the searcher maximises (validation only)", choices=OBJECTIVES)
+    storage_path: str = _f("studies", "folder (or pyarrow URI such as s3://bucket/prefix) holding study folders")
+    address: str = _f("", "Ray cluster to join (auto, HOST:PORT); empty = start a local cluster")
+    dashboard_host: str = _f("127.0.0.1", "local cluster: dashboard address (anything else is exposed; warned)")
+    max_failures: int = _f(1, "retries of a failed trial (Tune) and of a failed worker group (Train)")
+    seed: int = _f(0, "seed of the searcher and of the first replicate")
+
+    def __post_init__(self) -> None:
+        validate_study(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> StudyConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown study fields {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    @property
+    def study_dir(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+    def search_space(self) -> SearchSpace:
+        return load_space(self.space)
+
+    def base_values(self, seed: int | None = None) -> dict[str, Any]:
+        """The TrainConfig values every trial starts from; sampled values override them (not validated alone:
+        e.g. the default batch may exceed a tiny pretraining subset that every sampled batch fits)."""
+        return TrainConfig().to_dict() | {
+            "dataset": self.dataset, "data_root": self.data_root, "backbone": self.backbone, "epochs": self.epochs,
+            "pretrain_subset": self.pretrain_subset, "probe_train_subset": self.probe_train_subset,
+            "val_size": self.val_size, "test_subset": self.test_subset, "baselines": False,
+            "seed": self.seed if seed is None else seed, "device": "cuda" if self.gpus_per_worker else "cpu",
+        }
+
+    def seeds(self) -> list[int]:
+        return [self.seed + r for r in range(self.replicates)]
+
+
+def _require(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name} must {rule}, got {value!r}")
+
+
+def validate_study(c: StudyConfig) -> None:
+    """Every field's invariant, the search space, and every configuration the space can sample."""
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            _require(value in choices, f.name, f"be one of {choices}", value)
+        elif f.type == "int":
+            _require(isinstance(value, int) and not isinstance(value, bool), f.name, "be an integer", value)
+        elif f.type == "float":
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                     f.name, "be a finite number", value)
+        elif f.type == "str":
+            _require(isinstance(value, str), f.name, "be a string", value)
+    _require(bool(c.name) and "/" not in c.name and c.name not in (".", "..") and not c.name.startswith("."),
+             "name", "be a plain folder name (no '/', not starting with '.')", c.name)
+    for name in ("epochs", "num_trials", "replicates", "workers_per_trial", "grace_epochs"):
+        _require(getattr(c, name) >= 1, name, "be >= 1", getattr(c, name))
+    for name in ("max_concurrent_trials", "max_failures", "pretrain_subset", "probe_train_subset", "test_subset"):
+        _require(getattr(c, name) >= 0, name, "be >= 0", getattr(c, name))
+    _require(c.cpus_per_worker >= 0, "cpus_per_worker", "be >= 0 (0 = auto)", c.cpus_per_worker)
+    _require(c.gpus_per_worker >= 0, "gpus_per_worker", "be >= 0", c.gpus_per_worker)
+    _require(c.grace_epochs <= c.epochs, "grace_epochs", f"be <= epochs ({c.epochs})", c.grace_epochs)
+    _require(c.replicates == 1 or c.scheduler == "none", "scheduler",
+             "be none when replicates > 1 (a trial runs its seeds one after the other)", c.scheduler)
+    space = c.search_space()
+    if c.searcher == "grid":
+        points = len(space.grid())
+        _require(c.num_trials == points, "num_trials", f"equal the {points} points of the grid of {space.name!r}",
+                 c.num_trials)
+    base = c.base_values()
+    dataset_size = c.pretrain_subset or TRAIN_SPLIT_SIZES.get(c.dataset, 0) - c.val_size
+    batches = next((p.choices for p in space.params if p.name == "batch_size"), (base["batch_size"],))
+    for batch in batches:
+        _require(batch % c.workers_per_trial == 0, "batch_size",
+                 f"be divisible by workers_per_trial ({c.workers_per_trial}) for every choice", batch)
+        if dataset_size > 0:
+            _require(batch <= dataset_size, "batch_size", f"not exceed the {dataset_size} pretraining images", batch)
+    space.check(base, world_size=c.workers_per_trial)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Values from a YAML (safe_load) or TOML file; the file must be a mapping of StudyConfig fields."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"config file {path!r} does not exist")
+    text = file.read_text()
+    data = tomllib.loads(text) if file.suffix == ".toml" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of study fields, got {type(data).__name__}")
+    return data
+
+
+def differences(saved: dict[str, Any], wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    return {k: (saved.get(k), wanted.get(k)) for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)}
+
+
+__all__ = ["REFERENCE_BATCH", "StudyConfig", "differences", "read_config_file", "validate_study"]

@@ -1,0 +1,298 @@
+"""``python -m study.launch``: a hyperparameter study of SimCLR/MoCo with Ray Tune + Optuna, results in Parquet.
+
+With no arguments: the default study (space ``contrastive``: both methods, 8 trials, 3 epochs on 4,096
+Fashion-MNIST images each, ASHA on the per-epoch kNN monitor), on a local Ray cluster whose dashboard listens on
+127.0.0.1 (its URL is printed). Every field of StudyConfig is a flag (``--help``); ``--config FILE`` reads them from
+YAML or TOML first. ``--resume <study dir>`` continues an interrupted study: finished trials are kept and not
+rerun, unfinished ones continue from their checkpoints, the searcher continues its history.
+
+Results: ``<study dir>/trials.parquet`` and ``epochs.parquet`` (see ``study.results``), written as trials finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from search_spaces import SearchSpace
+from study import results
+from study.config import StudyConfig, differences, read_config_file
+from study.trial import WORST_OBJECTIVE, run_trial, train_configs, trial_row
+from trainers.config import TrainConfig, add_dataclass_arguments, dataclass_values
+from trainers.loop import Trainer
+
+CONFIG_FILE = "study_config.json"
+BASELINES_FILE = "baselines.json"
+TRIAL_DRIVER_CPU = 0.01  # a trial's own function only waits on its TorchTrainer
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch that only ever tells Optuna a trial's final, finite objective.
+
+    Per-epoch results carry no objective (skipped); a trial stopped early by ASHA is told as PRUNED and a failed
+    one as FAIL, so no Optuna trial is left RUNNING and no NaN reaches the sampler.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        final = result if result and result.get("is_final") and self.metric in result else None
+        if final is not None and not math.isfinite(final[self.metric]):
+            final = {**final, self.metric: WORST_OBJECTIVE}
+        super().on_trial_complete(trial_id, final, error)
+
+
+class ResultsCallback(tune.Callback):
+    """Writes each trial's rows to the results store as soon as the trial ends, whatever the ending."""
+
+    def __init__(self, study: StudyConfig, baselines: dict[str, float]) -> None:
+        self.study = study
+        self.baselines = baselines
+        self.epochs: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
+        if "epoch" in result and "seed" in result and not result.get("is_final"):
+            # Keyed by (seed, epoch): an epoch redone after a worker restart replaces the earlier report.
+            row = {k: result.get(k) for k in results.EPOCH_METRICS}
+            self.epochs.setdefault(trial.trial_id, {})[(int(result["seed"]), int(result["epoch"]))] = row
+
+    def _epoch_rows(self, trial_id: str) -> list[dict[str, Any]]:
+        return [{"study_name": self.study.name, "trial_id": trial_id, "seed": seed, "epoch": epoch, **row}
+                for (seed, epoch), row in sorted(self.epochs.get(trial_id, {}).items())]
+
+    def _write(self, trial: Any, status: str, reason: str | None = None) -> None:
+        last = trial.last_result or {}
+        if status == "completed" and "trial_rows" in last:
+            rows = json.loads(last["trial_rows"])
+        else:
+            epochs = self.epochs.get(trial.trial_id, {})
+            rows = []
+            for config in train_configs(self.study, trial.config):
+                done = [e for (s, e) in epochs if s == config.seed]
+                final = {"status": status, "failure_reason": reason, "epochs_done": max(done, default=0)}
+                if done:
+                    final["final_loss"] = epochs[(config.seed, max(done))]["loss"]
+                rows.append(trial_row(self.study, trial.trial_id, config, trial.config, final, trial.start_time
+                                      if getattr(trial, "start_time", None) else 0.0))
+        rows = [row | self.baselines for row in rows]
+        results.record(self.study.study_dir, rows, self._epoch_rows(trial.trial_id))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        self._write(trial, "completed" if last.get("is_final") else "early-stopped")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        reason = None
+        if getattr(trial, "error_file", None) and Path(trial.error_file).exists():
+            reason = Path(trial.error_file).read_text()[-2000:]
+        self._write(trial, "failed", reason or "the trial raised an error (see the Tune logs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m study.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML or TOML file with StudyConfig fields (flags override it)")
+    parser.add_argument("--resume", metavar="STUDY_DIR", help="continue the interrupted study in this folder")
+    parser.add_argument("--expose-dashboard", action="store_true",
+                        help="allow --dashboard-host other than 127.0.0.1 (anyone who reaches it can run code)")
+    add_dataclass_arguments(parser, StudyConfig)
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> StudyConfig:
+    """Defaults < --config file < flags; with --resume, the saved config (flags may not change it)."""
+    given = dataclass_values(StudyConfig, args)
+    if args.resume:
+        saved_file = Path(args.resume) / CONFIG_FILE
+        if not saved_file.is_file():
+            raise ValueError(f"--resume {args.resume}: no {CONFIG_FILE} there, so it is not a study folder")
+        saved = json.loads(saved_file.read_text())
+        changed = {k: v for k, v in differences(saved, saved | given).items()}
+        if changed:
+            raise ValueError(f"--resume cannot change the study's configuration: {changed} (saved, given)")
+        return StudyConfig.from_dict(saved)
+    file_values = read_config_file(args.config) if args.config else {}
+    return StudyConfig.from_dict(file_values | given)
+
+
+def prepare_study_dir(study: StudyConfig, *, resume: bool) -> Path:
+    """Create the study folder, or refuse to reuse one whose configuration differs (no silent overwrite)."""
+    study_dir = Path(study.study_dir)
+    saved_file = study_dir / CONFIG_FILE
+    if saved_file.exists():
+        saved = json.loads(saved_file.read_text())
+        changed = differences(saved, study.to_dict())
+        if changed:
+            raise ValueError(f"{study_dir} holds a study with another configuration; differences (saved, new): "
+                             f"{changed}. Choose another --name or --storage-path.")
+        if not resume:
+            raise ValueError(f"{study_dir} already holds this study; continue it with --resume {study_dir}")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    tmp = saved_file.with_suffix(".tmp")
+    tmp.write_text(study.to_json() + "\n")
+    tmp.replace(saved_file)
+    return study_dir
+
+
+def compute_baselines(study: StudyConfig, study_dir: Path) -> dict[str, float]:
+    """Raw-pixel and random-init probe accuracies, once per study (they do not depend on the trials)."""
+    cached = study_dir / BASELINES_FILE
+    if cached.exists():
+        return json.loads(cached.read_text())
+    smallest_batch = min(next((p.choices for p in study.search_space().params if p.name == "batch_size"), [256]))
+    config = TrainConfig(**(study.base_values() | {"probe": False, "baselines": True, "batch_size": smallest_batch}))
+    values = {k: v for k, v in Trainer(config).evaluate().items() if not k.endswith("weight_decay")}
+    cached.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    return values
+
+
+def worker_cpus(study: StudyConfig) -> float:
+    """``cpus_per_worker``, or with 0 (auto) the whole cluster's CPUs shared by one trial's workers."""
+    if study.cpus_per_worker:
+        return study.cpus_per_worker
+    return (ray.cluster_resources().get("CPU", 0.0) - TRIAL_DRIVER_CPU) / study.workers_per_trial
+
+
+def concurrency(study: StudyConfig) -> int:
+    """Trials that can run at once without deadlock: each holds its driver's CPU *and* its workers' CPUs/GPUs."""
+    available = ray.cluster_resources()
+    cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    per_trial_cpu = TRIAL_DRIVER_CPU + study.workers_per_trial * worker_cpus(study)
+    fit = math.floor(cpus / per_trial_cpu + 1e-9)
+    if study.gpus_per_worker:
+        fit = min(fit, math.floor(gpus / (study.workers_per_trial * study.gpus_per_worker) + 1e-9))
+    if fit < 1:
+        raise ValueError(f"a trial needs {per_trial_cpu:g} CPUs and {study.workers_per_trial * study.gpus_per_worker:g}"
+                         f" GPUs but the cluster has {cpus:g} CPUs and {gpus:g} GPUs: lower workers_per_trial or "
+                         "cpus_per_worker/gpus_per_worker")
+    if study.max_concurrent_trials:
+        fit = min(fit, study.max_concurrent_trials)
+    return fit
+
+
+@dataclass(frozen=True)
+class DefineByRun:
+    """Optuna's define-by-run space function (a picklable object: Tune checkpoints the searcher with it)."""
+
+    space: SearchSpace
+
+    def __call__(self, trial: Any) -> None:
+        self.space.sample(trial)
+
+
+def make_searcher(study: StudyConfig, space: SearchSpace) -> StudySearch:
+    import optuna
+
+    define_by_run = DefineByRun(space)
+    if study.searcher == "grid":
+        return StudySearch(space=define_by_run, metric="objective", mode="max",
+                           sampler=optuna.samplers.RandomSampler(seed=study.seed), points_to_evaluate=space.grid())
+    sampler = (optuna.samplers.TPESampler(seed=study.seed) if study.searcher == "tpe"
+               else optuna.samplers.RandomSampler(seed=study.seed))
+    return StudySearch(space=define_by_run, metric="objective", mode="max", sampler=sampler)
+
+
+def start_ray(study: StudyConfig, *, expose_dashboard: bool) -> None:
+    if study.address:
+        ray.init(address=study.address)
+        return
+    if study.dashboard_host != "127.0.0.1":
+        if not expose_dashboard:
+            raise ValueError(f"dashboard_host {study.dashboard_host!r} needs expose_dashboard=True")
+        print(f"WARNING: the Ray dashboard listens on {study.dashboard_host}; anyone who reaches it can run code",
+              file=sys.stderr)
+    # address="local": always a new cluster, never one that happens to run on this machine.
+    context = ray.init(address="local", include_dashboard=True, dashboard_host=study.dashboard_host)
+    print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+
+
+def best_table(study_dir: str, top: int = 10) -> str:
+    trials, _ = results.load(study_dir)
+    if trials.empty:
+        return "no finished trials"
+    columns = ["trial_id", "method", "status", "temperature", "batch_size", "lr", "momentum", "queue_length",
+               "negatives_per_positive", "epochs_done", "linear_val_accuracy", "linear_test_accuracy",
+               "knn_val_accuracy", "random_init_linear_val_accuracy", "raw_pixel_linear_val_accuracy"]
+    shown = trials.sort_values("objective", ascending=False, na_position="last").head(top)[columns]
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: bool = False) -> Path:
+    """Everything after validation: folder, Ray, baselines, the Tuner (fresh or restored), the best trials."""
+    study_dir = prepare_study_dir(study, resume=resume)
+    print(f"study config:\n{study.to_json()}\nstudy folder: {study_dir}", flush=True)
+    space = study.search_space()
+    # Our reports mix per-epoch results (ASHA's metric) and one final result (the searcher's); both consumers
+    # skip results that lack their metric, so Tune's strict per-result check is switched off for this process.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    start_ray(study, expose_dashboard=expose_dashboard)
+    try:
+        baselines = compute_baselines(study, study_dir)
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, study=study.to_dict(), cpus_per_worker=worker_cpus(study)),
+            {"CPU": TRIAL_DRIVER_CPU},
+        )
+        tune_path = str((study_dir / "tune").resolve())
+        callbacks = [ResultsCallback(study, baselines)]
+        if resume and tune.Tuner.can_restore(tune_path):
+            # The restored run config keeps its pickled callbacks (our ResultsCallback) and the searcher state.
+            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, restart_errored=False)
+        else:
+            # Rungs at grace, 2 x grace, ... epochs; stop_last_trials=False so a trial that reaches the last epoch
+            # is never stopped before its final probe evaluation.
+            scheduler = (ASHAScheduler(time_attr="epoch", metric="knn_monitor_accuracy", mode="max",
+                                       max_t=study.epochs, grace_period=study.grace_epochs, reduction_factor=2,
+                                       stop_last_trials=False)
+                         if study.scheduler == "asha" else None)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=make_searcher(study, space), scheduler=scheduler,
+                                            num_samples=study.num_trials, max_concurrent_trials=concurrency(study)),
+                run_config=tune.RunConfig(name="tune", storage_path=str(study_dir.resolve()), callbacks=callbacks,
+                                          failure_config=tune.FailureConfig(max_failures=study.max_failures),
+                                          verbose=1),
+            )
+        tuner.fit()
+    finally:
+        ray.shutdown()
+    print(f"\nbest trials (objective: {study.objective}):\n{best_table(str(study_dir))}")
+    print(f"\nresults: {study_dir / results.TRIALS_FILE} and {study_dir / results.EPOCHS_FILE}"
+          f"  (study.results.load({str(study_dir)!r}) -> pandas)")
+    return study_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        study = resolve_config(args)
+    except ValueError as error:
+        parser.error(str(error))
+    if study.dashboard_host != "127.0.0.1" and not study.address and not args.expose_dashboard:
+        parser.error(f"dashboard_host {study.dashboard_host!r} exposes the Ray dashboard (and its job API) beyond this "
+                     "machine; pass --expose-dashboard to confirm")
+    try:
+        run_study(study, resume=bool(args.resume), expose_dashboard=args.expose_dashboard)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

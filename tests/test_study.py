@@ -1,0 +1,119 @@
+"""The study end to end with real Ray Tune, Ray Train and Optuna; bad input refused before Ray starts; resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from study import results
+from study.config import StudyConfig
+from study.launch import main, prepare_study_dir, run_study
+
+HAS_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
+needs_data = pytest.mark.skipif(not HAS_FMNIST, reason="needs the Debian package dataset-fashion-mnist")
+
+SMOKE = {"space": "smoke", "epochs": 2, "pretrain_subset": 256, "probe_train_subset": 300, "val_size": 300,
+         "test_subset": 300, "cpus_per_worker": 1.0, "scheduler": "none"}
+
+
+def _flags(values: dict) -> list[str]:
+    return [item for key, value in values.items() for item in ("--" + key.replace("_", "-"), str(value))]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--space", "nope"], "space must be one of"),
+    (["--pretrain-subset", "40", "--space", "smoke"], "batch_size must not exceed the 40 pretraining images, got 64"),
+    (["--workers-per-trial", "3", "--space", "smoke"], "batch_size must be divisible by workers_per_trial (3)"),
+    (["--replicates", "2"], "scheduler must be none when replicates > 1"),
+    (["--searcher", "grid"], "grid search needs only choice parameters"),
+    (["--name", "../escape"], "name must be a plain folder name"),
+    (["--dashboard-host", "0.0.0.0"], "pass --expose-dashboard to confirm"),
+])
+def test_bad_configurations_fail_before_ray_starts(flags: list[str], message: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        code = main([*flags, "--storage-path", str(tmp_path)])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code != 0
+    assert message in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_bad_space_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text("name: mine\nparams:\n  temperature: {choice: [0.1, 0.0]}\n")
+    with pytest.raises(SystemExit):
+        main(["--space", str(space), "--storage-path", str(tmp_path)])
+    assert "temperature must be > 0 (and finite), got 0.0" in capsys.readouterr().err
+
+
+def test_existing_study_with_another_configuration_is_refused(tmp_path: Path) -> None:
+    first = StudyConfig(storage_path=str(tmp_path), name="s")
+    prepare_study_dir(first, resume=False)
+    with pytest.raises(ValueError, match=r"another configuration; differences \(saved, new\): \{'epochs': \(3, 5\)\}"):
+        prepare_study_dir(StudyConfig(storage_path=str(tmp_path), name="s", epochs=5), resume=False)
+    with pytest.raises(ValueError, match="already holds this study; continue it with --resume"):
+        prepare_study_dir(first, resume=False)
+
+
+@needs_data
+@pytest.mark.timeout(600)
+def test_smoke_study_end_to_end(tmp_path: Path) -> None:
+    study = StudyConfig(name="smoke", storage_path=str(tmp_path), num_trials=3, **SMOKE)
+    study_dir = run_study(study)
+    trials, epochs = results.load(str(study_dir))
+    assert len(trials) == 3 and trials["trial_id"].is_unique
+    assert set(trials["status"]) == {"completed"}
+    assert len(epochs) == 3 * 2 and not epochs.duplicated(["trial_id", "seed", "epoch"]).any()
+    for column in ("objective", "linear_val_accuracy", "linear_test_accuracy", "knn_val_accuracy",
+                   "raw_pixel_linear_val_accuracy", "random_init_linear_val_accuracy", "final_loss"):
+        assert trials[column].map(math.isfinite).all(), column
+    assert (trials["objective"] == trials["linear_val_accuracy"]).all()
+    assert epochs["loss"].map(math.isfinite).all()
+    for _, row in trials.iterrows():
+        if row["method"] == "moco":
+            assert row["queue_length"] % row["batch_size"] == 0 and row["negatives_per_positive"] == row["queue_length"]
+        else:
+            assert math.isnan(row["momentum"]) and math.isnan(row["queue_length"])
+            assert row["negatives_per_positive"] == 2 * row["batch_size"] - 2
+    saved = json.loads((study_dir / "study_config.json").read_text())
+    assert saved == study.to_dict()
+
+
+@needs_data
+@pytest.mark.timeout(900)
+def test_killed_launcher_resumes_without_losing_or_repeating_trials(tmp_path: Path) -> None:
+    flags = [*_flags(SMOKE | {"num_trials": 3, "max_concurrent_trials": 1}), "--name", "killed",
+             "--storage-path", str(tmp_path)]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "study.launch", *flags], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials_file = tmp_path / "killed" / results.TRIALS_FILE
+    deadline = time.monotonic() + 400
+    while not trials_file.exists() and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(1)
+    assert trials_file.exists(), "the first trial never finished"
+    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and the local Ray cluster it started
+    launcher.wait()
+    subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
+    finished_before = set(results.load(str(tmp_path / "killed"))[0]["trial_id"])
+    assert 1 <= len(finished_before) < 3
+
+    resumed = subprocess.run([sys.executable, "-m", "study.launch", "--resume", str(tmp_path / "killed")],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials, epochs = results.load(str(tmp_path / "killed"))
+    assert len(trials) == 3 and trials["trial_id"].is_unique
+    assert finished_before <= set(trials["trial_id"])
+    assert not epochs.duplicated(["trial_id", "seed", "epoch"]).any()
+    assert "best trials" in resumed.stdout
