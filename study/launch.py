@@ -12,6 +12,7 @@ Results: ``<study dir>/trials.parquet`` and ``epochs.parquet`` (see ``study.resu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import SearchSpace
-from study import results
+from study import results, storage
 from study.config import StudyConfig, differences, read_config_file
 from study.trial import WORST_OBJECTIVE, run_trial, train_configs, trial_row
 from trainers.config import TrainConfig, add_dataclass_arguments, dataclass_values
@@ -117,10 +118,10 @@ def resolve_config(args: argparse.Namespace) -> StudyConfig:
     """Defaults < --config file < flags; with --resume, the saved config (flags may not change it)."""
     given = dataclass_values(StudyConfig, args)
     if args.resume:
-        saved_file = Path(args.resume) / CONFIG_FILE
-        if not saved_file.is_file():
+        saved_file = storage.join(args.resume, CONFIG_FILE)
+        if not storage.exists(saved_file):
             raise ValueError(f"--resume {args.resume}: no {CONFIG_FILE} there, so it is not a study folder")
-        saved = json.loads(saved_file.read_text())
+        saved = storage.read_json(saved_file)
         changed = {k: v for k, v in differences(saved, saved | given).items()}
         if changed:
             raise ValueError(f"--resume cannot change the study's configuration: {changed} (saved, given)")
@@ -129,34 +130,30 @@ def resolve_config(args: argparse.Namespace) -> StudyConfig:
     return StudyConfig.from_dict(file_values | given)
 
 
-def prepare_study_dir(study: StudyConfig, *, resume: bool) -> Path:
+def prepare_study_dir(study: StudyConfig, *, resume: bool) -> str:
     """Create the study folder, or refuse to reuse one whose configuration differs (no silent overwrite)."""
-    study_dir = Path(study.study_dir)
-    saved_file = study_dir / CONFIG_FILE
-    if saved_file.exists():
-        saved = json.loads(saved_file.read_text())
-        changed = differences(saved, study.to_dict())
+    study_dir = study.study_dir
+    saved_file = storage.join(study_dir, CONFIG_FILE)
+    if storage.exists(saved_file):
+        changed = differences(storage.read_json(saved_file), study.to_dict())
         if changed:
             raise ValueError(f"{study_dir} holds a study with another configuration; differences (saved, new): "
                              f"{changed}. Choose another --name or --storage-path.")
         if not resume:
             raise ValueError(f"{study_dir} already holds this study; continue it with --resume {study_dir}")
-    study_dir.mkdir(parents=True, exist_ok=True)
-    tmp = saved_file.with_suffix(".tmp")
-    tmp.write_text(study.to_json() + "\n")
-    tmp.replace(saved_file)
+    storage.write_json(saved_file, study.to_dict())
     return study_dir
 
 
-def compute_baselines(study: StudyConfig, study_dir: Path) -> dict[str, float]:
+def compute_baselines(study: StudyConfig) -> dict[str, float]:
     """Raw-pixel and random-init probe accuracies, once per study (they do not depend on the trials)."""
-    cached = study_dir / BASELINES_FILE
-    if cached.exists():
-        return json.loads(cached.read_text())
+    cached = storage.join(study.study_dir, BASELINES_FILE)
+    if storage.exists(cached):
+        return storage.read_json(cached)
     smallest_batch = min(next((p.choices for p in study.search_space().params if p.name == "batch_size"), [256]))
     config = TrainConfig(**(study.base_values() | {"probe": False, "baselines": True, "batch_size": smallest_batch}))
     values = {k: v for k, v in Trainer(config).evaluate().items() if not k.endswith("weight_decay")}
-    cached.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    storage.write_json(cached, values)
     return values
 
 
@@ -231,22 +228,25 @@ def best_table(study_dir: str, top: int = 10) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: bool = False) -> Path:
+def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: bool = False) -> str:
     """Everything after validation: folder, Ray, baselines, the Tuner (fresh or restored), the best trials."""
     study_dir = prepare_study_dir(study, resume=resume)
     print(f"study config:\n{study.to_json()}\nstudy folder: {study_dir}", flush=True)
+    if "://" not in study.storage_path:  # trials run in other working folders: give them absolute paths
+        study = dataclasses.replace(study, storage_path=str(Path(study.storage_path).resolve()))
+        study_dir = study.study_dir
     space = study.search_space()
     # Our reports mix per-epoch results (ASHA's metric) and one final result (the searcher's); both consumers
     # skip results that lack their metric, so Tune's strict per-result check is switched off for this process.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     start_ray(study, expose_dashboard=expose_dashboard)
     try:
-        baselines = compute_baselines(study, study_dir)
+        baselines = compute_baselines(study)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, study=study.to_dict(), cpus_per_worker=worker_cpus(study)),
             {"CPU": TRIAL_DRIVER_CPU},
         )
-        tune_path = str((study_dir / "tune").resolve())
+        tune_path = storage.join(study_dir, "tune")
         callbacks = [ResultsCallback(study, baselines)]
         if resume and tune.Tuner.can_restore(tune_path):
             # The restored run config keeps its pickled callbacks (our ResultsCallback) and the searcher state.
@@ -263,16 +263,16 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=make_searcher(study, space), scheduler=scheduler,
                                             num_samples=study.num_trials, max_concurrent_trials=concurrency(study)),
-                run_config=tune.RunConfig(name="tune", storage_path=str(study_dir.resolve()), callbacks=callbacks,
+                run_config=tune.RunConfig(name="tune", storage_path=study_dir, callbacks=callbacks,
                                           failure_config=tune.FailureConfig(max_failures=study.max_failures),
                                           verbose=1),
             )
         tuner.fit()
     finally:
         ray.shutdown()
-    print(f"\nbest trials (objective: {study.objective}):\n{best_table(str(study_dir))}")
-    print(f"\nresults: {study_dir / results.TRIALS_FILE} and {study_dir / results.EPOCHS_FILE}"
-          f"  (study.results.load({str(study_dir)!r}) -> pandas)")
+    print(f"\nbest trials (objective: {study.objective}):\n{best_table(study_dir)}")
+    files = " and ".join(storage.join(study_dir, name) for name in (results.TRIALS_FILE, results.EPOCHS_FILE))
+    print(f"\nresults: {files}  (study.results.load({study_dir!r}) -> pandas)")
     return study_dir
 
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from study.storage import filesystem
 from trainers.config import TrainConfig
 
 SCHEMA_VERSION = 1
@@ -82,10 +83,6 @@ EPOCH_KEY = ("trial_id", "seed", "epoch")
 
 class ResultsError(RuntimeError):
     """A results file is unreadable or not ours; the message names it."""
-
-
-def _filesystem(study_dir: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(study_dir) if "://" in study_dir else (pafs.LocalFileSystem(), study_dir)
 
 
 def _coerce(value: Any, type_: pa.DataType) -> Any:
@@ -158,7 +155,7 @@ def _upsert(fs: pafs.FileSystem, path: str, schema: pa.Schema, key: tuple[str, .
 
 def record(study_dir: str, trial_rows: list[dict[str, Any]], epoch_rows: list[dict[str, Any]]) -> None:
     """Insert or replace the rows of finished trials (by trial and seed) and their epochs."""
-    fs, root = _filesystem(study_dir)
+    fs, root = filesystem(study_dir)
     fs.create_dir(root, recursive=True)
     for row in trial_rows:
         if row.get("status") not in STATUSES:
@@ -174,7 +171,7 @@ def record(study_dir: str, trial_rows: list[dict[str, Any]], epoch_rows: list[di
 
 def load(study_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(trials, epochs)`` of a study as pandas DataFrames (empty, with the documented columns, if none yet)."""
-    fs, root = _filesystem(study_dir)
+    fs, root = filesystem(study_dir)
     trials = _read(fs, f"{root}/{TRIALS_FILE}", TRIALS_SCHEMA)
     epochs = _read(fs, f"{root}/{EPOCHS_FILE}", EPOCHS_SCHEMA)
     return trials.to_pandas(), epochs.to_pandas()

@@ -31,6 +31,8 @@ def _flags(values: dict) -> list[str]:
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--space", "nope"], "space must be one of"),
+    (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
+    (["--objective", "linear_test_accuracy"], "argument --objective: invalid choice"),
     (["--pretrain-subset", "40", "--space", "smoke"], "batch_size must not exceed the 40 pretraining images, got 64"),
     (["--workers-per-trial", "3", "--space", "smoke"], "batch_size must be divisible by workers_per_trial (3)"),
     (["--replicates", "2"], "scheduler must be none when replicates > 1"),
@@ -69,9 +71,11 @@ def test_existing_study_with_another_configuration_is_refused(tmp_path: Path) ->
 @needs_data
 @pytest.mark.timeout(600)
 def test_smoke_study_end_to_end(tmp_path: Path) -> None:
-    study = StudyConfig(name="smoke", storage_path=str(tmp_path), num_trials=3, **SMOKE)
+    # A pyarrow URI as storage (file:// here; s3:// on a cluster) exercises the non-local path code.
+    study = StudyConfig(name="smoke", storage_path=f"file://{tmp_path}", num_trials=3, **SMOKE)
     study_dir = run_study(study)
-    trials, epochs = results.load(str(study_dir))
+    assert study_dir == f"file://{tmp_path}/smoke"
+    trials, epochs = results.load(study_dir)
     assert len(trials) == 3 and trials["trial_id"].is_unique
     assert set(trials["status"]) == {"completed"}
     assert len(epochs) == 3 * 2 and not epochs.duplicated(["trial_id", "seed", "epoch"]).any()
@@ -86,7 +90,7 @@ def test_smoke_study_end_to_end(tmp_path: Path) -> None:
         else:
             assert math.isnan(row["momentum"]) and math.isnan(row["queue_length"])
             assert row["negatives_per_positive"] == 2 * row["batch_size"] - 2
-    saved = json.loads((study_dir / "study_config.json").read_text())
+    saved = json.loads((tmp_path / "smoke" / "study_config.json").read_text())
     assert saved == study.to_dict()
 
 
