@@ -45,7 +45,9 @@ class StudyConfig:
     pretrain_subset: int = _f(4096, "pretraining images per trial (0 = the whole training split)")
     probe_train_subset: int = _f(5000, "labeled images that fit the probes (0 = all)")
     val_size: int = _f(5000, "validation images carved from the training split (the objective is measured here)")
-    test_subset: int = _f(0, "test images (0 = all); reported, never tuned on")
+    test_subset: int = _f(5000, "test images (0 = all); reported, never tuned on")
+    monitor_bank_size: int = _f(2000, "per-epoch kNN monitor (ASHA's signal): labeled training images in its bank")
+    monitor_query_size: int = _f(500, "per-epoch kNN monitor: validation images it classifies")
     num_trials: int = _f(8, "trials (configurations) to run; with grid search, the number of grid points")
     replicates: int = _f(1, "seeds per configuration (1 = one seed); the searcher sees their mean")
     workers_per_trial: int = _f(1, "Ray Train workers per trial (data-parallel)")
@@ -94,6 +96,7 @@ class StudyConfig:
             "dataset": self.dataset, "data_root": self.data_root, "backbone": self.backbone, "epochs": self.epochs,
             "pretrain_subset": self.pretrain_subset, "probe_train_subset": self.probe_train_subset,
             "val_size": self.val_size, "test_subset": self.test_subset, "baselines": False,
+            "monitor_bank_size": self.monitor_bank_size, "monitor_query_size": self.monitor_query_size,
             "seed": self.seed if seed is None else seed, "device": "cuda" if self.gpus_per_worker else "cpu",
         }
 
@@ -122,7 +125,8 @@ def validate_study(c: StudyConfig) -> None:
             _require(isinstance(value, str), f.name, "be a string", value)
     _require(bool(c.name) and "/" not in c.name and c.name not in (".", "..") and not c.name.startswith("."),
              "name", "be a plain folder name (no '/', not starting with '.')", c.name)
-    for name in ("epochs", "num_trials", "replicates", "workers_per_trial", "grace_epochs"):
+    for name in ("epochs", "num_trials", "replicates", "workers_per_trial", "grace_epochs", "monitor_bank_size",
+                 "monitor_query_size"):
         _require(getattr(c, name) >= 1, name, "be >= 1", getattr(c, name))
     for name in ("max_concurrent_trials", "max_failures", "pretrain_subset", "probe_train_subset", "test_subset"):
         _require(getattr(c, name) >= 0, name, "be >= 0", getattr(c, name))

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,8 @@ class ResultsCallback(tune.Callback):
                 final = {"status": status, "failure_reason": reason, "epochs_done": max(done, default=0)}
                 if done:
                     final["final_loss"] = epochs[(config.seed, max(done))]["loss"]
-                rows.append(trial_row(self.study, trial.trial_id, config, trial.config, final, trial.start_time
-                                      if getattr(trial, "start_time", None) else 0.0))
+                started = time.time() - float(last.get("time_total_s", 0.0))  # Tune's running time of the trial
+                rows.append(trial_row(self.study, trial.trial_id, config, trial.config, final, started))
         rows = [row | self.baselines for row in rows]
         results.record(self.study.study_dir, rows, self._epoch_rows(trial.trial_id))
 
