@@ -9,6 +9,7 @@ After its seeds it reports once more, with ``is_final`` and one row per seed for
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -25,6 +26,7 @@ from trainers.config import TrainConfig
 from trainers.distributed import make_torch_trainer
 
 WORST_OBJECTIVE = 0.0  # accuracies lie in [0, 1]
+TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 
 def versions() -> dict[str, str]:
@@ -55,7 +57,10 @@ def trial_row(study: StudyConfig, trial_id: str, config: TrainConfig, sampled: d
         "global_batch": config.batch_size, "world_size": study.workers_per_trial, "effective_lr": config.lr,
         "negatives_per_positive": config.negatives_per_positive,
         "objective": objective,
-        **{k: v for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        # Final metrics, except names of config fields: the last epoch reports its current "lr" (0 at the end of
+        # the cosine schedule), which must not overwrite the configured learning rate.
+        **{k: v for k, v in final.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in TRAIN_FIELDS},
         "nodes": len({n["NodeID"] for n in ray.nodes() if n["Alive"]}), "workers": study.workers_per_trial,
         "wall_time_s": time.time() - started,
         "started_at": started, "finished_at": time.time(),  # seconds since the epoch; stored as UTC timestamps

@@ -83,6 +83,7 @@ def test_smoke_study_end_to_end(tmp_path: Path) -> None:
                    "raw_pixel_linear_val_accuracy", "random_init_linear_val_accuracy", "final_loss"):
         assert trials[column].map(math.isfinite).all(), column
     assert (trials["objective"] == trials["linear_val_accuracy"]).all()
+    assert (trials["lr"] > 0).all() and (trials["lr"] == trials["effective_lr"]).all()
     assert epochs["loss"].map(math.isfinite).all()
     for _, row in trials.iterrows():
         if row["method"] == "moco":
