@@ -7,19 +7,15 @@ launching into that folder again with a different config is refused, naming the 
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import yaml
 
 from search_spaces import SearchSpace, load_space
-from search_spaces.space import REFERENCE_BATCH
-from trainers.config import BACKBONE_NAMES, DATASET_NAMES, TrainConfig
+from trainers.config import BACKBONE_NAMES, DATASET_NAMES, ConfigMixin, TrainConfig, check_field_types, require
 
 SEARCHERS = ("tpe", "random", "grid")
 SCHEDULERS = ("asha", "none")
@@ -33,7 +29,7 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class StudyConfig:
+class StudyConfig(ConfigMixin):
     """A hyperparameter study of contrastive pretraining; the defaults are the small default study."""
 
     name: str = _f("fmnist-contrastive", "study name: the study folder is <storage_path>/<name>")
@@ -68,20 +64,6 @@ class StudyConfig:
     def __post_init__(self) -> None:
         validate_study(self)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> StudyConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown study fields {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
-
     @property
     def study_dir(self) -> str:
         return f"{self.storage_path.rstrip('/')}/{self.name}"
@@ -104,50 +86,34 @@ class StudyConfig:
         return [self.seed + r for r in range(self.replicates)]
 
 
-def _require(ok: bool, name: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"{name} must {rule}, got {value!r}")
-
-
 def validate_study(c: StudyConfig) -> None:
     """Every field's invariant, the search space, and every configuration the space can sample."""
-    for f in dataclasses.fields(c):
-        value = getattr(c, f.name)
-        choices = f.metadata.get("choices")
-        if choices is not None:
-            _require(value in choices, f.name, f"be one of {choices}", value)
-        elif f.type == "int":
-            _require(isinstance(value, int) and not isinstance(value, bool), f.name, "be an integer", value)
-        elif f.type == "float":
-            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-                     f.name, "be a finite number", value)
-        elif f.type == "str":
-            _require(isinstance(value, str), f.name, "be a string", value)
-    _require(bool(c.name) and "/" not in c.name and c.name not in (".", "..") and not c.name.startswith("."),
+    check_field_types(c)
+    require(bool(c.name) and "/" not in c.name and c.name not in (".", "..") and not c.name.startswith("."),
              "name", "be a plain folder name (no '/', not starting with '.')", c.name)
     for name in ("epochs", "num_trials", "replicates", "workers_per_trial", "grace_epochs", "monitor_bank_size",
                  "monitor_query_size"):
-        _require(getattr(c, name) >= 1, name, "be >= 1", getattr(c, name))
+        require(getattr(c, name) >= 1, name, "be >= 1", getattr(c, name))
     for name in ("max_concurrent_trials", "max_failures", "pretrain_subset", "probe_train_subset", "test_subset"):
-        _require(getattr(c, name) >= 0, name, "be >= 0", getattr(c, name))
-    _require(c.cpus_per_worker >= 0, "cpus_per_worker", "be >= 0 (0 = auto)", c.cpus_per_worker)
-    _require(c.gpus_per_worker >= 0, "gpus_per_worker", "be >= 0", c.gpus_per_worker)
-    _require(c.grace_epochs <= c.epochs, "grace_epochs", f"be <= epochs ({c.epochs})", c.grace_epochs)
-    _require(c.replicates == 1 or c.scheduler == "none", "scheduler",
+        require(getattr(c, name) >= 0, name, "be >= 0", getattr(c, name))
+    require(c.cpus_per_worker >= 0, "cpus_per_worker", "be >= 0 (0 = auto)", c.cpus_per_worker)
+    require(c.gpus_per_worker >= 0, "gpus_per_worker", "be >= 0", c.gpus_per_worker)
+    require(c.grace_epochs <= c.epochs, "grace_epochs", f"be <= epochs ({c.epochs})", c.grace_epochs)
+    require(c.replicates == 1 or c.scheduler == "none", "scheduler",
              "be none when replicates > 1 (a trial runs its seeds one after the other)", c.scheduler)
     space = c.search_space()
     if c.searcher == "grid":
         points = len(space.grid())
-        _require(c.num_trials == points, "num_trials", f"equal the {points} points of the grid of {space.name!r}",
+        require(c.num_trials == points, "num_trials", f"equal the {points} points of the grid of {space.name!r}",
                  c.num_trials)
     base = c.base_values()
     dataset_size = c.pretrain_subset or TRAIN_SPLIT_SIZES.get(c.dataset, 0) - c.val_size
     batches = next((p.choices for p in space.params if p.name == "batch_size"), (base["batch_size"],))
     for batch in batches:
-        _require(batch % c.workers_per_trial == 0, "batch_size",
+        require(batch % c.workers_per_trial == 0, "batch_size",
                  f"be divisible by workers_per_trial ({c.workers_per_trial}) for every choice", batch)
         if dataset_size > 0:
-            _require(batch <= dataset_size, "batch_size", f"not exceed the {dataset_size} pretraining images", batch)
+            require(batch <= dataset_size, "batch_size", f"not exceed the {dataset_size} pretraining images", batch)
     space.check(base, world_size=c.workers_per_trial)
 
 
@@ -167,4 +133,4 @@ def differences(saved: dict[str, Any], wanted: dict[str, Any]) -> dict[str, tupl
     return {k: (saved.get(k), wanted.get(k)) for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)}
 
 
-__all__ = ["REFERENCE_BATCH", "StudyConfig", "differences", "read_config_file", "validate_study"]
+__all__ = ["StudyConfig", "differences", "read_config_file", "validate_study"]

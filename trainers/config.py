@@ -25,8 +25,43 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+class ConfigMixin:
+    """Serialisation shared by the frozen config dataclasses (TrainConfig, StudyConfig)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+
+def check_field_types(config: Any) -> None:
+    """Each field has its declared type (and one of its ``choices``), else a ValueError naming it and the value."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            require(value in choices, f.name, f"be one of {choices}", value)
+        elif f.type in ("int", int):
+            require(_is_int(value), f.name, "be an integer", value)
+        elif f.type in ("float", float):
+            require(_is_number(value), f.name, "be a finite number", value)
+        elif f.type in ("bool", bool):
+            require(isinstance(value, bool), f.name, "be true or false", value)
+        elif f.type in ("str", str):
+            require(isinstance(value, str), f.name, "be a string", value)
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigMixin):
     """Everything that decides the result of one pretraining + evaluation run."""
 
     # what is trained
@@ -87,22 +122,9 @@ class TrainConfig:
         """Keys MoCo enqueues per optimizer step (global batch, twice with the symmetric loss)."""
         return self.batch_size * (2 if self.symmetric else 1)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def _require(ok: bool, name: str, rule: str, value: Any) -> None:
+def require(ok: bool, name: str, rule: str, value: Any) -> None:
     if not ok:
         raise ValueError(f"{name} must {rule}, got {value!r}")
 
@@ -117,54 +139,42 @@ def _is_number(value: Any) -> bool:
 
 def validate(config: TrainConfig, *, world_size: int = 1) -> None:
     """Raise ``ValueError`` naming the field, the rule and the value for the first violated invariant."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        choices = f.metadata.get("choices")
-        if choices is not None:
-            _require(value in choices, f.name, f"be one of {choices}", value)
-        elif f.type in ("int", int):
-            _require(_is_int(value), f.name, "be an integer", value)
-        elif f.type in ("float", float):
-            _require(_is_number(value), f.name, "be a finite number", value)
-        elif f.type in ("bool", bool):
-            _require(isinstance(value, bool), f.name, "be true or false", value)
-        elif f.type in ("str", str):
-            _require(isinstance(value, str), f.name, "be a string", value)
+    check_field_types(config)
     c = config
-    _require(c.temperature > 0, "temperature", "be > 0 (and finite)", c.temperature)
-    _require(0 <= c.momentum <= 1, "momentum", "satisfy 0 <= m <= 1", c.momentum)
-    _require(c.queue_length >= 1, "queue_length", "be >= 1", c.queue_length)
-    _require(c.epochs >= 1, "epochs", "be >= 1", c.epochs)
-    _require(c.batch_size >= 2, "batch_size", "be >= 2 (an anchor needs a negative)", c.batch_size)
-    _require(c.lr > 0, "lr", "be > 0", c.lr)
-    _require(c.weight_decay >= 0, "weight_decay", "be >= 0", c.weight_decay)
-    _require(0 <= c.warmup_epochs < c.epochs, "warmup_epochs", f"lie in [0, epochs={c.epochs})", c.warmup_epochs)
-    _require(c.projection_dim >= 1, "projection_dim", "be >= 1", c.projection_dim)
-    _require(c.projection_hidden_dim >= 0, "projection_hidden_dim", "be >= 0", c.projection_hidden_dim)
-    _require(c.val_size >= 1, "val_size", "be >= 1", c.val_size)
+    require(c.temperature > 0, "temperature", "be > 0 (and finite)", c.temperature)
+    require(0 <= c.momentum <= 1, "momentum", "satisfy 0 <= m <= 1", c.momentum)
+    require(c.queue_length >= 1, "queue_length", "be >= 1", c.queue_length)
+    require(c.epochs >= 1, "epochs", "be >= 1", c.epochs)
+    require(c.batch_size >= 2, "batch_size", "be >= 2 (an anchor needs a negative)", c.batch_size)
+    require(c.lr > 0, "lr", "be > 0", c.lr)
+    require(c.weight_decay >= 0, "weight_decay", "be >= 0", c.weight_decay)
+    require(0 <= c.warmup_epochs < c.epochs, "warmup_epochs", f"lie in [0, epochs={c.epochs})", c.warmup_epochs)
+    require(c.projection_dim >= 1, "projection_dim", "be >= 1", c.projection_dim)
+    require(c.projection_hidden_dim >= 0, "projection_hidden_dim", "be >= 0", c.projection_hidden_dim)
+    require(c.val_size >= 1, "val_size", "be >= 1", c.val_size)
     for name in ("pretrain_subset", "probe_train_subset", "test_subset", "loader_workers", "finetune_epochs",
                  "monitor_bank_size"):
-        _require(getattr(c, name) >= 0, name, "be >= 0", getattr(c, name))
-    _require(c.monitor_query_size >= 1, "monitor_query_size", "be >= 1", c.monitor_query_size)
-    _require(0 < c.crop_scale_min <= 1, "crop_scale_min", "lie in (0, 1]", c.crop_scale_min)
-    _require(0 <= c.blur_probability <= 1, "blur_probability", "lie in [0, 1]", c.blur_probability)
-    _require(c.knn_k >= 1, "knn_k", "be >= 1", c.knn_k)
-    _require(c.knn_temperature > 0, "knn_temperature", "be > 0", c.knn_temperature)
-    _require(c.dataset != "imagefolder" or bool(c.data_root), "data_root", "be set for dataset imagefolder",
+        require(getattr(c, name) >= 0, name, "be >= 0", getattr(c, name))
+    require(c.monitor_query_size >= 1, "monitor_query_size", "be >= 1", c.monitor_query_size)
+    require(0 < c.crop_scale_min <= 1, "crop_scale_min", "lie in (0, 1]", c.crop_scale_min)
+    require(0 <= c.blur_probability <= 1, "blur_probability", "lie in [0, 1]", c.blur_probability)
+    require(c.knn_k >= 1, "knn_k", "be >= 1", c.knn_k)
+    require(c.knn_temperature > 0, "knn_temperature", "be > 0", c.knn_temperature)
+    require(c.dataset != "imagefolder" or bool(c.data_root), "data_root", "be set for dataset imagefolder",
              c.data_root)
-    _require(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device",
+    require(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device",
              "be auto, cpu or cuda[:N]", c.device)
-    _require(world_size >= 1, "world_size", "be >= 1", world_size)
-    _require(c.batch_size % world_size == 0, "batch_size",
+    require(world_size >= 1, "world_size", "be >= 1", world_size)
+    require(c.batch_size % world_size == 0, "batch_size",
              f"be divisible by the number of workers ({world_size})", c.batch_size)
-    _require(c.batch_size // world_size >= 2 or c.method == "simclr", "batch_size",
+    require(c.batch_size // world_size >= 2 or c.method == "simclr", "batch_size",
              f"give each of {world_size} workers at least 2 images", c.batch_size)
     if c.method == "moco":
-        _require(c.queue_length % c.keys_per_step == 0, "queue_length",
+        require(c.queue_length % c.keys_per_step == 0, "queue_length",
                  f"be a multiple of the keys enqueued per step ({c.keys_per_step} = global batch"
                  f"{' x 2 views (symmetric)' if c.symmetric else ''})", c.queue_length)
     if c.pretrain_subset:
-        _require(c.pretrain_subset >= c.batch_size, "pretrain_subset",
+        require(c.pretrain_subset >= c.batch_size, "pretrain_subset",
                  f"hold at least one global batch ({c.batch_size} images)", c.pretrain_subset)
 
 
