@@ -123,7 +123,7 @@ def resolve_config(args: argparse.Namespace) -> StudyConfig:
         if not storage.exists(saved_file):
             raise ValueError(f"--resume {args.resume}: no {CONFIG_FILE} there, so it is not a study folder")
         saved = storage.read_json(saved_file)
-        changed = {k: v for k, v in differences(saved, saved | given).items()}
+        changed = differences(saved, saved | given)
         if changed:
             raise ValueError(f"--resume cannot change the study's configuration: {changed} (saved, given)")
         return StudyConfig.from_dict(saved)

@@ -335,8 +335,7 @@ class Trainer:
                                           **probe_kwargs)
             results |= {f"random_init_{k}": v for k, v in random_init.items()}
         if c.finetune_epochs:
-            feature_dim = build_backbone(c.backbone, in_channels=self.splits.info.channels,
-                                         cifar_stem=c.cifar_stem)[1]
+            feature_dim = self.method.projection_head[0].in_features  # no second backbone just for its width
             results |= fine_tune(self.method.backbone, feature_dim, sets["train"], sets["val"], sets["test"],
                                  epochs=c.finetune_epochs, seed=c.seed, **probe_kwargs)
         return results
