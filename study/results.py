@@ -57,7 +57,7 @@ _TRIAL_FIELDS: list[pa.Field] = [
         "knn_test_accuracy", "finetune_val_accuracy", "finetune_test_accuracy",
         "random_init_linear_val_accuracy", "random_init_linear_test_accuracy", "random_init_knn_val_accuracy",
         "random_init_knn_test_accuracy", "raw_pixel_linear_val_accuracy", "raw_pixel_linear_test_accuracy",
-        "wall_time_s", "images_per_second")],
+        "wall_time_s", "evaluation_time_s", "images_per_second")],
     pa.field("nodes", pa.int64()),
     pa.field("workers", pa.int64()),
     *[pa.field(name, pa.string()) for name in ("torch_version", "ray_version", "optuna_version", "python_version")],
@@ -70,7 +70,7 @@ TRIAL_KEY = ("trial_id", "seed")
 EPOCH_METRICS = (
     "loss", "knn_monitor_accuracy", "positive_cosine", "negative_cosine", "alignment", "uniformity",
     "embedding_std", "queue_fill", "queue_key_age", "queue_key_consistency", "lr", "epoch_time_s",
-    "images_per_second", "data_wait_fraction",
+    "monitor_time_s", "images_per_second", "data_wait_fraction",
 )
 EPOCHS_SCHEMA = pa.schema(
     [pa.field("study_name", pa.string(), nullable=False), pa.field("trial_id", pa.string(), nullable=False),
@@ -129,6 +129,13 @@ def _read(fs: pafs.FileSystem, path: str, schema: pa.Schema) -> pa.Table:
     version = (table.schema.metadata or {}).get(b"schema_version")
     if version != str(SCHEMA_VERSION).encode():
         raise ResultsError(f"{path} has schema version {version!r}, this code reads version {SCHEMA_VERSION}")
+    # Columns added after a file was written (nullable ones only) read as nulls: older studies stay readable.
+    for field in schema:
+        if field.name not in table.column_names and field.nullable:
+            table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise ResultsError(f"{path} lacks the columns {missing}; it was not written by this tool")
     return table.select(schema.names).cast(schema)
 
 
