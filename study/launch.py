@@ -158,18 +158,31 @@ def compute_baselines(study: StudyConfig) -> dict[str, float]:
     return values
 
 
+def driver_cpus(study: StudyConfig) -> float:
+    """CPUs of the trial function itself: all of an in-process trial's, a sliver for one that waits on Train."""
+    return 0.0 if study.in_process else TRIAL_DRIVER_CPU
+
+
 def worker_cpus(study: StudyConfig) -> float:
     """``cpus_per_worker``, or with 0 (auto) the whole cluster's CPUs shared by one trial's workers."""
     if study.cpus_per_worker:
         return study.cpus_per_worker
-    return (ray.cluster_resources().get("CPU", 0.0) - TRIAL_DRIVER_CPU) / study.workers_per_trial
+    return (ray.cluster_resources().get("CPU", 0.0) - driver_cpus(study)) / study.workers_per_trial
+
+
+def trial_resources(study: StudyConfig) -> dict[str, float]:
+    """What Tune reserves for a trial function: an in-process trial trains there; otherwise Train's workers
+    reserve their own resources and the function only waits."""
+    if not study.in_process:
+        return {"CPU": TRIAL_DRIVER_CPU}
+    return {"CPU": worker_cpus(study)} | ({"GPU": study.gpus_per_worker} if study.gpus_per_worker else {})
 
 
 def concurrency(study: StudyConfig) -> int:
     """Trials that can run at once without deadlock: each holds its driver's CPU *and* its workers' CPUs/GPUs."""
     available = ray.cluster_resources()
     cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
-    per_trial_cpu = TRIAL_DRIVER_CPU + study.workers_per_trial * worker_cpus(study)
+    per_trial_cpu = driver_cpus(study) + study.workers_per_trial * worker_cpus(study)
     fit = math.floor(cpus / per_trial_cpu + 1e-9)
     if study.gpus_per_worker:
         fit = min(fit, math.floor(gpus / (study.workers_per_trial * study.gpus_per_worker) + 1e-9))
@@ -245,7 +258,7 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
         baselines = compute_baselines(study)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, study=study.to_dict(), cpus_per_worker=worker_cpus(study)),
-            {"CPU": TRIAL_DRIVER_CPU},
+            trial_resources(study),
         )
         tune_path = storage.join(study_dir, "tune")
         callbacks = [ResultsCallback(study, baselines)]
@@ -266,7 +279,7 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
                                             num_samples=study.num_trials, max_concurrent_trials=concurrency(study)),
                 run_config=tune.RunConfig(name="tune", storage_path=study_dir, callbacks=callbacks,
                                           failure_config=tune.FailureConfig(max_failures=study.max_failures),
-                                          verbose=1),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
             )
         tuner.fit()
     finally:

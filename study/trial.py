@@ -1,10 +1,17 @@
-"""One Tune trial: sampled values -> TrainConfig -> a Ray Train run per seed -> one final report.
+"""One Tune trial: sampled values -> TrainConfig -> a training run per seed -> one final report.
 
-The trial function runs in a Tune trial actor. For each seed it builds a ``TorchTrainer`` (Train V2 pattern) whose
-per-epoch reports reach Tune through ``TuneReportCallback`` (ASHA decides on them). Its Train runs are named by the
-trial id and seed only, so a retried trial resumes them from their checkpoints. A diverged run is not an error: it
-ends with status ``diverged`` and the worst objective (0), never a NaN that would leave an Optuna trial running.
-After its seeds it reports once more, with ``is_final`` and one row per seed for the results store.
+Two ways to train, the same ``trainers.loop.run_to_end`` either way (same data order, same numbers on CPU):
+
+- ``in_process`` (one worker; the default then): the trial function itself builds the ``Trainer`` and reports
+  each epoch to Tune with a checkpoint (``tune.report``), so a trial costs no worker-group start-up. A retried
+  trial resumes from ``tune.get_checkpoint()``, which also holds the rows of the seeds it had finished.
+- ``ray_train``: per seed a ``TorchTrainer`` (Train V2 pattern) whose per-epoch reports reach Tune through
+  ``TuneReportCallback``. Its Train runs are named by the trial id and seed only, so a retried trial resumes them
+  from their checkpoints.
+
+Either way ASHA decides on the per-epoch reports, and a diverged run is not an error: it ends with status
+``diverged`` and the worst objective (0), never a NaN that would leave an Optuna trial running. After its seeds
+the trial reports once more, with ``is_final`` and one row per seed for the results store.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -23,10 +32,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from study.config import StudyConfig
 from trainers.config import TrainConfig
-from trainers.distributed import make_torch_trainer
+from trainers.distributed import CHECKPOINT_FILE, make_torch_trainer
+from trainers.loop import Trainer, load_checkpoint, run_to_end, save_checkpoint
 
 WORST_OBJECTIVE = 0.0  # accuracies lie in [0, 1]
 TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+PROGRESS_FILE = "trial_progress.json"  # in-process checkpoints: rows of finished seeds, start of the current one
 
 
 def versions() -> dict[str, str]:
@@ -68,22 +79,70 @@ def trial_row(study: StudyConfig, trial_id: str, config: TrainConfig, sampled: d
     }
 
 
+def _train_with_ray_train(study: StudyConfig, trial_id: str, config: TrainConfig,
+                          cpus_per_worker: float) -> dict[str, Any]:
+    trainer = make_torch_trainer(
+        config, workers=study.workers_per_trial, storage_path=f"{study.study_dir}/train",
+        name=f"{trial_id}-seed{config.seed}", use_gpu=study.gpus_per_worker > 0,
+        cpus_per_worker=cpus_per_worker, max_failures=study.max_failures,
+        callbacks=[TuneReportCallback()],
+    )
+    return dict(trainer.fit().metrics)
+
+
+def _run_seed_in_process(trainer: Trainer, progress: dict[str, Any]) -> dict[str, Any]:
+    """One seed's run to its end; each epoch's report carries the trainer state and ``progress``."""
+    final: dict[str, Any] = {}
+
+    def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
+        if metrics.get("is_final"):
+            final.update(metrics)  # not checkpointed: the last epoch's checkpoint covers it (a retry re-evaluates)
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(trainer.state_dict(), Path(folder) / CHECKPOINT_FILE)
+            (Path(folder) / PROGRESS_FILE).write_text(json.dumps(progress, default=str))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    run_to_end(trainer, report)
+    return final
+
+
+def _rows_in_process(study: StudyConfig, trial_id: str, sampled: dict[str, Any], configs: list[TrainConfig],
+                     cpus: float) -> list[dict[str, Any]]:
+    """Train every seed in this process, resuming from the trial's Tune checkpoint when it is a retry."""
+    torch.set_num_threads(max(1, round(cpus)))  # Tune sets OMP_NUM_THREADS to the integer part of the trial's CPUs
+    progress: dict[str, Any] = {"rows": [], "started": time.time()}  # rows of finished seeds; current seed's start
+    state: dict[str, Any] | None = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            progress = json.loads((Path(folder) / PROGRESS_FILE).read_text())
+            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    for config in configs[len(progress["rows"]):]:
+        trainer = Trainer(config)
+        if state is not None:
+            trainer.load_state_dict(state)  # refuses a state written by another configuration
+            state = None
+        final = _run_seed_in_process(trainer, progress)
+        progress["rows"].append(trial_row(study, trial_id, config, sampled, final, progress["started"]))
+        progress["started"] = time.time()
+    return progress["rows"]
+
+
 def run_trial(sampled: dict[str, Any], *, study: dict[str, Any], cpus_per_worker: float) -> None:
     """Tune's trainable (``tune.with_parameters(run_trial, study=..., cpus_per_worker=...)``)."""
     study_config = StudyConfig.from_dict(study)
     trial_id = tune.get_context().get_trial_id()
-    rows, objectives = [], []
-    for config in train_configs(study_config, sampled):
-        started = time.time()
-        trainer = make_torch_trainer(
-            config, workers=study_config.workers_per_trial, storage_path=f"{study_config.study_dir}/train",
-            name=f"{trial_id}-seed{config.seed}", use_gpu=study_config.gpus_per_worker > 0,
-            cpus_per_worker=cpus_per_worker, max_failures=study_config.max_failures,
-            callbacks=[TuneReportCallback()],
-        )
-        final = dict(trainer.fit().metrics)
-        row = trial_row(study_config, trial_id, config, sampled, final, started)
-        rows.append(row)
-        objectives.append(row["objective"])
-    row_json = json.dumps(rows, default=str)
-    tune.report({"is_final": True, "objective": sum(objectives) / len(objectives), "trial_rows": row_json})
+    configs = train_configs(study_config, sampled)
+    if study_config.in_process:
+        rows = _rows_in_process(study_config, trial_id, sampled, configs, cpus_per_worker)
+    else:
+        rows = []
+        for config in configs:
+            started = time.time()
+            final = _train_with_ray_train(study_config, trial_id, config, cpus_per_worker)
+            rows.append(trial_row(study_config, trial_id, config, sampled, final, started))
+    objectives = [row["objective"] for row in rows]
+    tune.report({"is_final": True, "objective": sum(objectives) / len(objectives),
+                 "trial_rows": json.dumps(rows, default=str)})

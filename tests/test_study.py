@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import ray
 
@@ -122,3 +123,30 @@ def test_killed_launcher_resumes_without_losing_or_repeating_trials(tmp_path: Pa
     assert finished_before <= set(trials["trial_id"])
     assert not epochs.duplicated(["trial_id", "seed", "epoch"]).any()
     assert "best trials" in resumed.stdout
+
+
+@needs_data
+@pytest.mark.timeout(900)
+def test_in_process_trials_equal_ray_train_trials_and_reruns_repeat(tmp_path: Path) -> None:
+    # Three studies with one seed: in-process trials, the same again, and TorchTrainer trials. The searcher must
+    # sample the same configurations and every run must produce the same numbers (CPU, one thread per trial).
+    outcome = {}
+    for name, mode in (("a", "in_process"), ("b", "in_process"), ("c", "ray_train")):
+        study = StudyConfig(name=name, storage_path=str(tmp_path), num_trials=2, trial_mode=mode, **SMOKE)
+        run_study(study)
+        trials, epochs = results.load(study.study_dir)
+        assert set(trials["status"]) == {"completed"} and len(epochs) == 2 * 2
+        order = trials.sort_values(["method", "temperature"])["trial_id"].tolist()
+        rank = {trial_id: i for i, trial_id in enumerate(order)}
+        trials = trials.assign(trial=trials["trial_id"].map(rank)).sort_values("trial").reset_index(drop=True)
+        epochs = epochs.assign(trial=epochs["trial_id"].map(rank)).sort_values(["trial", "epoch"])
+        outcome[name] = (trials, epochs.reset_index(drop=True))
+    config_columns = ["method", "temperature", "batch_size", "lr", "momentum", "queue_length", "seed"]
+    numbers = ["objective", "linear_val_accuracy", "linear_test_accuracy", "knn_val_accuracy", "final_loss"]
+    epoch_numbers = ["loss", "knn_monitor_accuracy", "alignment", "uniformity"]
+    reference_trials, reference_epochs = outcome["a"]
+    for name in ("b", "c"):
+        trials, epochs = outcome[name]
+        pd.testing.assert_frame_equal(trials[config_columns + numbers], reference_trials[config_columns + numbers])
+        pd.testing.assert_frame_equal(epochs[["trial", "epoch", *epoch_numbers]],
+                                      reference_epochs[["trial", "epoch", *epoch_numbers]])

@@ -22,14 +22,14 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from trainers.config import TrainConfig, validate
-from trainers.loop import DivergedError, Trainer, load_checkpoint, save_checkpoint
+from trainers.loop import Trainer, load_checkpoint, run_to_end, save_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def _report(trainer: Trainer, metrics: dict[str, Any]) -> None:
+def _report(trainer: Trainer, metrics: dict[str, Any], with_checkpoint: bool) -> None:
     """Every rank reports (Train V2 requires it); rank 0 attaches the checkpoint."""
-    if trainer.rank != 0:
+    if trainer.rank != 0 or not with_checkpoint:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
@@ -60,24 +60,9 @@ def run_worker(loop_config: dict[str, Any], *, after_epoch: Callable[[Trainer], 
     # Ray sets OMP_NUM_THREADS to the integer part of the worker's CPUs; use every CPU it was given.
     torch.set_num_threads(max(1, round(loop_config.get("cpus_per_worker", torch.get_num_threads()))))
     trainer = build_worker_trainer(TrainConfig.from_dict(loop_config["train"]))
-    identity = {"seed": trainer.config.seed}
-    metrics: dict[str, Any] = dict(trainer.history[-1]) if trainer.history else {}
-    try:
-        while trainer.epoch < trainer.config.epochs:
-            metrics = trainer.train_epoch() | identity | {"is_final": False}
-            if after_epoch is not None:
-                after_epoch(trainer)
-            _report(trainer, metrics)
-    except DivergedError as error:
-        # Every rank raises at the same step (the finiteness check is all-reduced), so all report together. Not
-        # an error for Ray: retrying would diverge again. The run ends, marked, with its last good checkpoint.
-        ray.train.report({**metrics, **identity, "is_final": True, "status": "diverged",
-                          "failure_reason": str(error), "epochs_done": trainer.epoch})
-        return
-    final = trainer.evaluate() if trainer.rank == 0 else {}
     # The final report carries a checkpoint too: Train V2's Result.metrics are those of the last checkpointed one.
-    _report(trainer, {**metrics, **final, **identity, "epochs_done": trainer.epoch, "final_loss": metrics.get("loss"),
-                      "is_final": True, "status": "completed"})
+    run_to_end(trainer, lambda metrics, with_checkpoint: _report(trainer, metrics, with_checkpoint),
+               after_epoch=after_epoch)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

@@ -295,7 +295,9 @@ class Trainer:
         }
         metrics |= self.method.epoch_diagnostics()
         if self.rank == 0 and self.config.monitor_bank_size:
+            monitor_start = time.perf_counter()
             metrics["knn_monitor_accuracy"] = self.knn_monitor()
+            metrics["monitor_time_s"] = time.perf_counter() - monitor_start
         self.history.append(metrics)
         return metrics
 
@@ -351,3 +353,34 @@ class Trainer:
             final |= {"final_loss": self.history[-1]["loss"], "epochs_done": self.epoch}
         return final
 
+
+
+Report = Callable[[dict[str, Any], bool], None]
+"""``report(metrics, with_checkpoint)``: hands a result to whoever runs the trainer (Ray Train, Tune, a log);
+``with_checkpoint`` asks it to save ``trainer.state_dict()`` along with the result."""
+
+
+def run_to_end(trainer: Trainer, report: Report, *, after_epoch: Callable[[Trainer], None] | None = None) -> None:
+    """Train the remaining epochs, report each with a checkpoint, then evaluate on rank 0 and report the end.
+
+    Every rank calls ``report`` the same number of times (Ray Train uses reports as barriers). A diverged run
+    (non-finite loss on any rank; all ranks raise at the same step) is not an error for the caller to retry (it
+    would diverge again): it ends with one report marked ``status: diverged`` with its reason. That report carries
+    a checkpoint like the others, because Ray Train's ``Result.metrics`` are those of the last checkpointed report.
+    """
+    identity = {"seed": trainer.config.seed}
+    metrics: dict[str, Any] = dict(trainer.history[-1]) if trainer.history else {}
+    try:
+        while trainer.epoch < trainer.config.epochs:
+            metrics = trainer.train_epoch() | identity | {"is_final": False}
+            if after_epoch is not None:
+                after_epoch(trainer)
+            report(metrics, True)
+    except DivergedError as error:
+        report({**metrics, **identity, "is_final": True, "status": "diverged", "failure_reason": str(error),
+                "epochs_done": trainer.epoch}, True)
+        return
+    start = time.perf_counter()
+    final = trainer.evaluate() if trainer.rank == 0 else {}
+    report({**metrics, **final, **identity, "epochs_done": trainer.epoch, "final_loss": metrics.get("loss"),
+            "evaluation_time_s": time.perf_counter() - start, "is_final": True, "status": "completed"}, True)
