@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from trainers.config import METHOD_NAMES, TrainConfig, validate
+from trainers.config import METHOD_NAMES, TrainConfig, check_field_type, validate
 
 KINDS = ("loguniform", "uniform", "int", "choice")
 LR_SCALING = ("linear", "sqrt", "none")
@@ -39,6 +39,10 @@ REFERENCE_BATCH = 256
 MAX_QUEUE_LENGTH = 65536
 # Sampled names that are not TrainConfig fields: they are turned into fields by SearchSpace.derive.
 DERIVED_INPUTS = ("base_lr", "queued_batches")
+# Divisibility (K % batch, batch % workers) and powers of two do not hold between two valid ends of a range, so
+# these are searched only as explicit choices, every one of which is checked.
+CHOICE_ONLY = ("batch_size", "queued_batches")
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 SHIPPED = Path(__file__).resolve().parent
 
 
@@ -166,7 +170,7 @@ def parse_space(data: Any, *, source: str = "<dict>") -> SearchSpace:
     """Build a SearchSpace from the YAML structure, refusing anything malformed with a precise message."""
     if not isinstance(data, dict):
         raise SpaceError(f"{source}: a search space must be a mapping, got {type(data).__name__}")
-    unknown = sorted(set(data) - {"name", "version", "lr_scaling", "params"})
+    unknown = sorted(set(data) - {"name", "version", "lr_scaling", "params"}, key=repr)  # keys of any YAML type
     if unknown:
         raise SpaceError(f"{source}: unknown keys {unknown}; allowed: name, version, lr_scaling, params")
     raw_params = data.get("params")
@@ -177,7 +181,7 @@ def parse_space(data: Any, *, source: str = "<dict>") -> SearchSpace:
         if not isinstance(spec, dict):
             raise SpaceError(f"parameter {name}: expected a mapping like {{choice: [...]}}, got {spec!r}")
         kinds = [k for k in spec if k in KINDS]
-        extra = sorted(set(spec) - set(KINDS) - {"when"})
+        extra = sorted(set(spec) - set(KINDS) - {"when"}, key=repr)
         if len(kinds) != 1 or extra:
             raise SpaceError(f"parameter {name}: give exactly one of {KINDS} (and optionally when), got {spec!r}")
         kind, arguments = kinds[0], spec[kinds[0]]
@@ -189,8 +193,7 @@ def parse_space(data: Any, *, source: str = "<dict>") -> SearchSpace:
                 raise SpaceError(f"parameter {name}: choice must be a non-empty list, got {arguments!r}")
             params.append(Param(str(name), kind, choices=tuple(arguments), when=tuple(when.items())))
         else:
-            if not (isinstance(arguments, list) and len(arguments) == 2
-                    and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in arguments)):
+            if not (isinstance(arguments, list) and len(arguments) == 2 and all(map(_is_real, arguments))):
                 raise SpaceError(f"parameter {name}: {kind} needs [low, high], got {arguments!r}")
             params.append(Param(str(name), kind, low=float(arguments[0]), high=float(arguments[1]),
                                 when=tuple(when.items())))
@@ -201,18 +204,39 @@ def parse_space(data: Any, *, source: str = "<dict>") -> SearchSpace:
                        lr_scaling=data.get("lr_scaling", "linear"))
 
 
+def _is_real(value: Any) -> bool:
+    """An int or float (not a bool) that converts to a float: bounds are stored as floats."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except OverflowError:  # an int beyond float range (YAML reads 1e400 as inf, but 10**400 as an int)
+        return False
+    return True
+
+
 def load_space(name_or_path: str) -> SearchSpace:
-    """A shipped space by name (``simclr``, ``moco``, ``contrastive``, ``smoke``) or a YAML file by path."""
+    """A shipped space by name (``simclr``, ``moco``, ``contrastive``, ``smoke``) or a YAML file by path.
+
+    Every way a file can be unusable (missing, unreadable, not UTF-8, not YAML) is a SpaceError naming it.
+    """
+    shipped = sorted(p.stem for p in SHIPPED.glob("*.yaml"))
     path = Path(name_or_path)
     if not path.suffix:
-        path = SHIPPED / f"{name_or_path}.yaml"
-        if not path.exists():
-            shipped = sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+        if name_or_path not in shipped:  # a name, never a path: "../x" does not reach files outside SHIPPED
             raise SpaceError(f"space must be one of {shipped} or a path to a .yaml file, got {name_or_path!r}")
-    if not path.exists():
-        raise SpaceError(f"space file {str(path)!r} does not exist")
-    with path.open() as f:
-        return parse_space(yaml.safe_load(f), source=str(path))
+        path = SHIPPED / f"{name_or_path}.yaml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpaceError(f"space file {str(path)!r} does not exist") from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path, or bytes that are not UTF-8
+        raise SpaceError(f"space file {str(path)!r} cannot be read: {error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as error:  # RecursionError: absurdly deep nesting
+        raise SpaceError(f"space file {str(path)!r} is not valid YAML: {error}") from None
+    return parse_space(data, source=str(path))
 
 
 def _fail(param: str, rule: str, value: Any) -> SpaceError:
@@ -245,8 +269,17 @@ def validate_space(space: SearchSpace) -> None:
         for condition, _ in p.when:
             if condition not in names[: names.index(p.name)]:
                 raise SpaceError(f"parameter {p.name}: condition on {condition!r}, which is not declared before it")
+        if p.name in CHOICE_ONLY and p.kind != "choice":
+            raise _fail(p.name, "be a choice (a range can sample values between valid ends that break "
+                        "divisibility)", p.kind)
         for value in p.choices if p.kind == "choice" else p.candidates():
             _check_value(p.name, value)
+            if p.name in TRAIN_FIELDS:
+                # Every choice, not only the extremes that check() combines: 2.5 between 1 and 3 is no epoch count.
+                try:
+                    check_field_type(TRAIN_FIELDS[p.name], value)
+                except ValueError as error:
+                    raise SpaceError(f"parameter {error}") from None
     space.check(TrainConfig().to_dict())
 
 

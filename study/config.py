@@ -23,6 +23,7 @@ TRIAL_MODES = ("auto", "in_process", "ray_train")
 OBJECTIVES = ("linear_val_accuracy", "knn_val_accuracy")
 # Training-set sizes, so "batch larger than the dataset" is refused without loading anything.
 TRAIN_SPLIT_SIZES = {"fashion_mnist": 60000, "cifar10": 50000, "stl10": 105000}
+MAX_NAME_LENGTH = 255  # the usual limit of one file name (ext4, XFS, APFS, NTFS)
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -98,8 +99,13 @@ class StudyConfig(ConfigMixin):
 def validate_study(c: StudyConfig) -> None:
     """Every field's invariant, the search space, and every configuration the space can sample."""
     check_field_types(c)
-    require(bool(c.name) and "/" not in c.name and c.name not in (".", "..") and not c.name.startswith("."),
-             "name", "be a plain folder name (no '/', not starting with '.')", c.name)
+    # The study folder is <storage_path>/<name>: a name that is one plain path component keeps every file the study
+    # writes (configs, Parquet, Tune and Train folders) inside storage_path.
+    require(is_plain_folder_name(c.name), "name",
+             f"be a plain folder name (1-{MAX_NAME_LENGTH} characters; no '/', '\\' or control characters; "
+             "not starting with '.')", c.name)
+    require(c.storage_path.strip() != "", "storage_path",
+             "be a folder or URI (empty would put the study at the filesystem root)", c.storage_path)
     for name in ("epochs", "num_trials", "replicates", "workers_per_trial", "grace_epochs", "monitor_bank_size",
                  "monitor_query_size"):
         require(getattr(c, name) >= 1, name, "be >= 1", getattr(c, name))
@@ -129,13 +135,27 @@ def validate_study(c: StudyConfig) -> None:
     space.check(base, world_size=c.workers_per_trial)
 
 
+def is_plain_folder_name(name: str) -> bool:
+    """One path component that cannot climb out of its parent folder or hide: no separators, '.', '..', controls."""
+    return (0 < len(name) <= MAX_NAME_LENGTH and not name.startswith(".") and "/" not in name and "\\" not in name
+            and name.isprintable())
+
+
 def read_config_file(path: str) -> dict[str, Any]:
-    """Values from a YAML (safe_load) or TOML file; the file must be a mapping of StudyConfig fields."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"config file {path!r} does not exist")
-    text = file.read_text()
-    data = tomllib.loads(text) if file.suffix == ".toml" else yaml.safe_load(text)
+    """Values from a YAML (safe_load) or TOML file; the file must be a mapping of StudyConfig fields.
+
+    Every way a file can be unusable (missing, unreadable, not UTF-8, not YAML/TOML, not a mapping) is a
+    ValueError naming the file, like every invalid value.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path, or bytes that are not UTF-8
+        raise ValueError(f"config file {path!r} cannot be read: {error}") from None
+    is_toml = Path(path).suffix == ".toml"
+    try:
+        data = tomllib.loads(text) if is_toml else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, RecursionError) as error:  # RecursionError: absurd nesting
+        raise ValueError(f"config file {path!r} is not valid {'TOML' if is_toml else 'YAML'}: {error}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path!r} must hold a mapping of study fields, got {type(data).__name__}")
     return data
@@ -145,4 +165,4 @@ def differences(saved: dict[str, Any], wanted: dict[str, Any]) -> dict[str, tupl
     return {k: (saved.get(k), wanted.get(k)) for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)}
 
 
-__all__ = ["StudyConfig", "differences", "read_config_file", "validate_study"]
+__all__ = ["StudyConfig", "differences", "is_plain_folder_name", "read_config_file", "validate_study"]

@@ -10,12 +10,23 @@ so readers never see a partial file and a crash never loses a finished trial. On
 from one process. Works on local paths and on pyarrow filesystem URIs (``s3://bucket/studies/x``)::
 
     trials, epochs = study.results.load("studies/my-study")   # or pandas.read_parquet(".../trials.parquet")
+
+Faults, and what happens:
+
+- A results file that is truncated, not Parquet, another table or of another schema version is never skipped or
+  overwritten: reading it (and so the next write) raises :class:`ResultsError` naming the file, the problem and
+  what to do (move it away). Skipping it would silently drop finished trials from the analysis, and overwriting
+  it would lose them for good.
+- A write that fails (disk full, read-only folder, lost permissions) raises :class:`ResultsError` naming the file;
+  the previous file is intact and no temporary file is left, so the same call succeeds once the cause is fixed.
+- A temporary file left by a crash (``trials.parquet.tmp``) is never read, and the next write replaces it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -119,16 +130,23 @@ def to_table(rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
 
 
 def _read(fs: pafs.FileSystem, path: str, schema: pa.Schema) -> pa.Table:
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        return schema.empty_table()
     try:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return schema.empty_table()
         table = pq.read_table(path, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as error:
         raise ResultsError(f"{path} is not a readable Parquet file ({error}); move it away to continue") from None
-    version = (table.schema.metadata or {}).get(b"schema_version")
+    metadata = table.schema.metadata or {}
+    version, name = metadata.get(b"schema_version"), metadata.get(b"table")
+    if version is None or name is None:
+        raise ResultsError(f"{path} is a Parquet file but not a results table of contrastive-study (no schema version"
+                           " or table name in its metadata); move it away to continue")
     if version != str(SCHEMA_VERSION).encode():
-        raise ResultsError(f"{path} has schema version {version!r}, this code reads version {SCHEMA_VERSION}")
+        raise ResultsError(f"{path} has schema version {version.decode(errors='replace')!r}, this code reads "
+                           f"version {SCHEMA_VERSION}: read it with the version that wrote it, or move it away")
+    if name != schema.metadata[b"table"]:
+        raise ResultsError(f"{path} holds the table {name.decode(errors='replace')!r}, not "
+                           f"{schema.metadata[b'table'].decode()!r}; move it away to continue")
     # Columns added after a file was written (nullable ones only) read as nulls: older studies stay readable.
     for field in schema:
         if field.name not in table.column_names and field.nullable:
@@ -136,17 +154,49 @@ def _read(fs: pafs.FileSystem, path: str, schema: pa.Schema) -> pa.Table:
     missing = [name for name in schema.names if name not in table.column_names]
     if missing:
         raise ResultsError(f"{path} lacks the columns {missing}; it was not written by this tool")
-    return table.select(schema.names).cast(schema)
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:  # a column of another type
+        raise ResultsError(f"{path} has columns of other types than schema version {SCHEMA_VERSION} ({error}); "
+                           "move it away to continue") from None
+
+
+def _remove_if_present(fs: pafs.FileSystem, path: str) -> None:
+    """Best effort: cleaning up must never hide the error that made it necessary."""
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_file(path)
+    except OSError:
+        pass
+
+
+def _sync_local(fs: pafs.FileSystem, path: str) -> None:
+    """fsync a local file before it is renamed into place (object stores commit on close)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _write_atomically(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    """Replace ``path`` with ``table``: readers see the old file or the new one, never half of one.
+
+    A failed write raises ResultsError naming ``path``; the old file is untouched and the temporary one removed.
+    A temporary file left by a crash is simply overwritten.
+    """
     temporary = f"{path}.tmp"
     try:
         pq.write_table(table, temporary, filesystem=fs)
-        fs.move(temporary, path)  # a rename: readers see the old file or the new one, never half of one
+        _sync_local(fs, temporary)
+        fs.move(temporary, path)  # a rename on local disks
+    except OSError as error:  # pyarrow's IO errors (disk full, permission denied) are OSErrors
+        _remove_if_present(fs, temporary)
+        raise ResultsError(f"could not write {path}: {error}; the previous file is intact, and the write can be "
+                           "repeated once space or permissions are fixed") from None
     except BaseException:
-        if fs.get_file_info(temporary).type != pafs.FileType.NotFound:
-            fs.delete_file(temporary)
+        _remove_if_present(fs, temporary)
         raise
 
 
@@ -163,7 +213,10 @@ def _upsert(fs: pafs.FileSystem, path: str, schema: pa.Schema, key: tuple[str, .
 def record(study_dir: str, trial_rows: list[dict[str, Any]], epoch_rows: list[dict[str, Any]]) -> None:
     """Insert or replace the rows of finished trials (by trial and seed) and their epochs."""
     fs, root = filesystem(study_dir)
-    fs.create_dir(root, recursive=True)
+    try:
+        fs.create_dir(root, recursive=True)
+    except OSError as error:
+        raise ResultsError(f"could not create the study folder {root}: {error}") from None
     for row in trial_rows:
         if row.get("status") not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {row.get('status')!r}")

@@ -28,10 +28,28 @@ def read_json(location: str) -> Any:
         return json.loads(f.read().decode())
 
 
+class StorageError(OSError):
+    """A study file could not be written; the message names it. The previous version of the file is intact."""
+
+
 def write_json(location: str, value: Any) -> None:
-    """Write atomically: a temporary file, then a rename (a copy + delete on object stores)."""
+    """Write atomically: a temporary file, then a rename (a copy + delete on object stores).
+
+    A failed write (disk full, read-only folder) raises StorageError naming ``location``; the previous file is
+    intact and the temporary file is removed.
+    """
     fs, path = filesystem(location)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(f"{path}.tmp") as f:
-        f.write((json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
-    fs.move(f"{path}.tmp", path)
+    temporary = f"{path}.tmp"
+    data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+    try:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(temporary) as f:
+            f.write(data)
+        fs.move(temporary, path)
+    except OSError as error:
+        try:
+            if fs.get_file_info(temporary).type != pafs.FileType.NotFound:
+                fs.delete_file(temporary)
+        except OSError:
+            pass  # cleaning up must not hide the error that made it necessary
+        raise StorageError(f"could not write {location}: {error}; the previous file is intact") from None

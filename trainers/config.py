@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +36,13 @@ class ConfigMixin:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Any:
+    def from_dict(cls, values: Mapping[str, Any]) -> Any:
+        """Build and validate from a mapping of field names; anything else is a ValueError naming the problem."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{cls.__name__} needs a mapping of field names to values, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(values) - known)
+        # Keys of a YAML/TOML file can be of any type (1, null, true): sort by repr so mixed types cannot raise.
+        unknown = sorted(set(values) - known, key=repr)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
         return cls(**values)
@@ -46,18 +51,23 @@ class ConfigMixin:
 def check_field_types(config: Any) -> None:
     """Each field has its declared type (and one of its ``choices``), else a ValueError naming it and the value."""
     for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        choices = f.metadata.get("choices")
-        if choices is not None:
-            require(value in choices, f.name, f"be one of {choices}", value)
-        elif f.type in ("int", int):
-            require(_is_int(value), f.name, "be an integer", value)
-        elif f.type in ("float", float):
-            require(_is_number(value), f.name, "be a finite number", value)
-        elif f.type in ("bool", bool):
-            require(isinstance(value, bool), f.name, "be true or false", value)
-        elif f.type in ("str", str):
-            require(isinstance(value, str), f.name, "be a string", value)
+        check_field_type(f, getattr(config, f.name))
+
+
+def check_field_type(f: dataclasses.Field, value: Any) -> None:
+    """``value`` has the declared type of field ``f`` (and is one of its ``choices``), else a ValueError."""
+    choices = f.metadata.get("choices")
+    if choices is not None:
+        # a string test first: ``value in choices`` compares with ==, which an unhashable or array value may break
+        require(isinstance(value, str) and value in choices, f.name, f"be one of {choices}", value)
+    elif f.type in ("int", int):
+        require(_is_int(value), f.name, "be an integer", value)
+    elif f.type in ("float", float):
+        require(_is_number(value), f.name, "be a finite number", value)
+    elif f.type in ("bool", bool):
+        require(isinstance(value, bool), f.name, "be true or false", value)
+    elif f.type in ("str", str):
+        require(isinstance(value, str), f.name, "be a string", value)
 
 
 @dataclass(frozen=True)
@@ -134,7 +144,13 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (not a bool); an int beyond float range is not one: every use of it is a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # math.isfinite(10**400): "int too large to convert to float"
+        return False
 
 
 def validate(config: TrainConfig, *, world_size: int = 1) -> None:

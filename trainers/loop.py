@@ -9,7 +9,10 @@ and only rank 0 evaluates and writes.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import struct
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -118,24 +121,111 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file(s) and what to do."""
+
+
+# What torch.load raises on a truncated, damaged or foreign file (measured on truncated, bit-flipped and random
+# checkpoints in both torch formats): the zip reader's RuntimeError, the weights-only unpickler's UnpicklingError
+# (also for any pickled object that is not plain data), and EOF/struct/index/key/value errors of the legacy reader.
+UNREADABLE_CHECKPOINT_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError, struct.error,
+                                pickle.UnpicklingError)
+# What Trainer.state_dict writes; a file without these is not a checkpoint of a run, whatever it unpickles to.
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "global_step", "history", "rng", "config")
+
+
+def previous_checkpoint(path: Path) -> Path:
+    """Where ``save_checkpoint(..., keep_previous=True)`` keeps the checkpoint it replaces (``checkpoint.prev.pt``)."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def checkpoint_files(path: Path) -> tuple[Path, Path]:
+    """The newest checkpoint and the one before it, newest first."""
+    return path, previous_checkpoint(path)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable: without it, a power cut can undo the rename although the data was synced."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict[str, Any], path: Path, *, keep_previous: bool = False) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over ``path``.
+
+    With ``keep_previous`` the checkpoint being replaced is first renamed to ``previous_checkpoint(path)``, so
+    the folder always holds at least one complete checkpoint: if the new one is lost or damaged later,
+    :func:`load_latest_checkpoint` falls back to the previous one. A failed write (disk full, read-only folder)
+    raises :class:`CheckpointError` naming ``path``, leaves no temporary file and keeps the existing files.
+    """
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            torch.save(state, f)  # a failed write surfaces as torch's RuntimeError ("unexpected pos ...")
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_checkpoint(path))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+        _fsync_folder(path.parent)
+    except (OSError, RuntimeError) as error:
+        raise CheckpointError(f"could not write checkpoint {path}: {error}; the last complete checkpoint is "
+                              "intact (free space or fix the folder's permissions, then resume)") from error
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only: a checkpoint is data, never code, even if someone swapped the file.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read one checkpoint file; a missing, truncated, damaged or foreign file is a CheckpointError naming it."""
+    try:
+        # weights_only: a checkpoint is data, never code, even if someone swapped the file.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except UNREADABLE_CHECKPOINT_ERRORS as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {reason})") from error
+
+
+def _load_run_checkpoint(path: Path) -> dict[str, Any]:
+    state = load_checkpoint(path)
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of a run (missing {missing})")
+    return state
+
+
+def load_latest_checkpoint(path: Path) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable checkpoint among ``path`` and its previous version, and the file it came from.
+
+    ``None`` when neither file exists (nothing to resume). A missing or unreadable newest file is skipped with a
+    message saying which file and why (a crash while writing or rotating, a truncated copy); if files exist but
+    none can be read, a CheckpointError names each of them and its problem.
+    """
+    problems: list[str] = []
+    for candidate in checkpoint_files(path):
+        if not candidate.exists():
+            problems.append(f"{candidate} is missing")
+            continue
+        try:
+            state = _load_run_checkpoint(candidate)
+        except CheckpointError as error:
+            problems.append(str(error))
+            continue
+        for problem in problems:
+            print(f"skipped: {problem}; resuming from the older checkpoint {candidate}", file=sys.stderr, flush=True)
+        return state, candidate
+    if not any(candidate.exists() for candidate in checkpoint_files(path)):
+        return None
+    raise CheckpointError("no readable checkpoint to resume from: " + "; ".join(problems)
+                          + ". Move the damaged files away to start the run again.")
 
 
 class Trainer:

@@ -2,8 +2,9 @@
 
 Every field of :class:`trainers.config.TrainConfig` is a flag (``--help`` lists them with their defaults).
 The run folder holds ``config.json``, ``metrics.jsonl`` (one line per epoch), ``checkpoint.pt`` (written
-atomically after every epoch) and ``results.json`` (final probe accuracies). Its default name depends only
-on the configuration, so running the same command with ``--resume`` continues where it stopped.
+atomically after every epoch), ``checkpoint.prev.pt`` (the epoch before, kept in case the newest file is lost or
+damaged) and ``results.json`` (final probe accuracies). Its default name depends only on the configuration, so
+running the same command with ``--resume`` continues where it stopped, from the newest readable checkpoint.
 With ``--workers N`` the run is data-parallel on N Ray Train workers (``--address`` joins an existing cluster);
 Ray Train then keeps the checkpoints in the run folder and restarts failed workers from them.
 """
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from trainers.config import TrainConfig, add_dataclass_arguments, dataclass_values, validate
-from trainers.loop import Trainer, load_checkpoint, save_checkpoint
+from trainers.loop import CheckpointError, Trainer, checkpoint_files, load_latest_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -40,28 +41,42 @@ def default_run_dir(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.method}-{config.dataset}-{digest}"
 
 
-def write_json(path: Path, payload: Any) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write atomically (temporary file + rename); no temporary file is left behind if the write fails."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def run(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> dict[str, float]:
     """Train (or continue) the run in ``run_dir`` and return its final metrics."""
     checkpoint = run_dir / CHECKPOINT
-    if checkpoint.exists() and not resume:
+    if any(path.exists() for path in checkpoint_files(checkpoint)) and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or pick another "
                               "--run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config)
-    if resume and checkpoint.exists():
-        trainer.load_state_dict(load_checkpoint(checkpoint))
-        print(f"resumed from {checkpoint} after epoch {trainer.epoch}", flush=True)
+    latest = load_latest_checkpoint(checkpoint) if resume else None
+    if latest is not None:
+        state, source = latest
+        trainer.load_state_dict(state)
+        print(f"resumed from {source} after epoch {trainer.epoch}", flush=True)
     write_json(run_dir / "config.json", config.to_dict())
+    # metrics.jsonl is rebuilt from the checkpoint's history: epochs after it (lost with a newer checkpoint, or
+    # written just before a crash) are trained again and must not appear twice.
+    metrics_file = run_dir / "metrics.jsonl"
+    write_text(metrics_file, "".join(json.dumps(m, sort_keys=True) + "\n" for m in trainer.history))
 
     def on_epoch(trainer: Trainer, metrics: dict[str, float]) -> None:
-        save_checkpoint(trainer.state_dict(), checkpoint)
-        with (run_dir / "metrics.jsonl").open("a") as f:
+        save_checkpoint(trainer.state_dict(), checkpoint, keep_previous=True)
+        with metrics_file.open("a") as f:
             f.write(json.dumps(metrics, sort_keys=True) + "\n")
         shown = ("loss", "knn_monitor_accuracy", "positive_cosine", "negative_cosine", "uniformity",
                  "queue_key_consistency", "images_per_second")
@@ -141,11 +156,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or default_run_dir(config)
     print(f"config:\n{config.to_json()}\nrun folder: {run_dir}", flush=True)
-    if args.workers:
-        final = run_on_ray(config, run_dir, workers=args.workers, address=args.address, use_gpu=args.use_gpu,
-                           cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, resume=args.resume)
-    else:
-        final = run(config, run_dir, resume=args.resume)
+    try:
+        if args.workers:
+            final = run_on_ray(config, run_dir, workers=args.workers, address=args.address, use_gpu=args.use_gpu,
+                               cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
+                               resume=args.resume)
+        else:
+            final = run(config, run_dir, resume=args.resume)
+    except CheckpointError as error:  # the message names the files and what to do; a traceback adds nothing
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print("final metrics:")
     for name, value in sorted(final.items()):
         print(f"  {name:40s} {value:.4f}" if isinstance(value, float) else f"  {name:40s} {value}")
