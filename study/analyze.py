@@ -21,12 +21,16 @@ Every table of the report is one call on the DataFrames that ``study.results.loa
     analyze.sensitivity(trials, "temperature")      # objective per (log) bin of temperature, per method
     analyze.sensitivity(trials, "negatives_per_positive")   # does a MoCo queue buy what a SimCLR batch buys?
     analyze.interaction(trials, "temperature", "batch_size", method="simclr")   # mean objective, bin x value
-    analyze.importance(trials, method="moco")       # fANOVA importance of each searched hyperparameter
-    analyze.importance_table(trials)                # the same for all methods together and for each method
+    analyze.importance(trials, method="moco")       # fANOVA importance of each hyperparameter that varies; with
+                                                    # study_configs=analyze.load_studies([...]).configs: the space's
+    table, notes = analyze.importance_table(trials) # all methods together and each method; notes of skipped ones
     analyze.learning_curves(trials, epochs)         # epochs with each run's method, status and settings
     analyze.last_epoch(trials, epochs)              # each run's last epoch: queue staleness, alignment, ...
     analyze.accounting(trials, analyze.load_studies(["studies/fmnist-contrastive"]).configs)
     analyze.failures(trials)                        # failed and diverged runs with a one-line reason
+
+From Python: ``analyze.write_report(["studies/x"])`` writes the report folder and returns it (the launcher's
+hook); ``analyze.main([...])`` is the command, exit code and all.
 
 What counts as a measurement: only runs with status ``completed`` carry probe accuracies. Early-stopped, failed and
 diverged runs store the objective 0, a placeholder the searcher needed; the analysis treats it as missing, so
@@ -91,6 +95,10 @@ class StudyNotFound(FileNotFoundError):
     """A study folder that does not exist (exit code 2)."""
 
 
+class UnreadableStudyFile(ValueError):
+    """A study's ``study_config.json`` that is not JSON (exit code 2)."""
+
+
 # ---------------------------------------------------------------------------------------------------- loading
 
 
@@ -113,7 +121,8 @@ def _study_name(location: str, trials: pd.DataFrame, config: Mapping[str, Any]) 
 def load_studies(locations: Sequence[str]) -> Studies:
     """Read each study folder (local path or pyarrow URI) through ``study.results.load``.
 
-    Raises ``StudyNotFound`` for a folder that does not exist and ``results.ResultsError`` for unreadable files.
+    Raises ``StudyNotFound`` for a folder that does not exist, ``results.ResultsError`` for unreadable Parquet
+    files and ``UnreadableStudyFile`` for a ``study_config.json`` that is not JSON.
     Two folders holding the same study name (a copy of a study) are told apart by their location.
     """
     trial_frames, epoch_frames = [], []
@@ -124,7 +133,10 @@ def load_studies(locations: Sequence[str]) -> Studies:
             raise StudyNotFound(f"{location}: no such study folder")
         trials, epochs = results.load(location)
         config_file = storage.join(location, CONFIG_FILE)
-        config = storage.read_json(config_file) if storage.exists(config_file) else {}
+        try:
+            config = storage.read_json(config_file) if storage.exists(config_file) else {}
+        except ValueError as error:
+            raise UnreadableStudyFile(f"{config_file} is not valid JSON ({error}); fix or remove it") from None
         name = _study_name(location, trials, config)
         if name in where:
             renamed = f"{name} [{location}]"
@@ -172,8 +184,6 @@ def configurations(trials: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     the status of the seeds (``completed+diverged`` when they differ), ``seeds`` how many ran.
     """
     columns = [*KEY, "status", "seeds", *[c for c in SETTINGS if c in trials], *BASELINE_COLUMNS]
-    if trials.empty:
-        return pd.DataFrame(columns=columns + list(METRICS))
     grouped = measured(trials).groupby(KEY, sort=False)
     settings = grouped[[c for c in (*SETTINGS, *BASELINE_COLUMNS) if c in trials]].first()
     status = grouped["status"].agg(lambda s: "+".join(sorted(set(s))))
@@ -526,9 +536,12 @@ def accounting(trials: pd.DataFrame, study_configs: Mapping[str, Mapping[str, An
             "wall_time_h": (runs["finished_at"].max() - runs["started_at"].min()).total_seconds() / 3600,
             "started": runs["started_at"].min(), "finished": runs["finished_at"].max(), "compute_note": note,
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=ACCOUNTING_COLUMNS)
 
 
+ACCOUNTING_COLUMNS = ["study_name", "trials", "runs", *results.STATUSES, "early_stopped_share", "worker_hours",
+                      "cpus_per_worker", "cpu_hours", "gpus_per_worker", "gpu_hours", "wall_time_h", "started",
+                      "finished", "compute_note"]
 # An exception line of a traceback ("ValueError: ..."): what a Tune error file's last lines say went wrong.
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failure)\b.*")
 
@@ -585,7 +598,9 @@ def _display(frame: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
     shown = pd.DataFrame(index=frame.index)
     for column in frame.columns:
         values = frame[column]
-        if pd.api.types.is_datetime64_any_dtype(values):
+        if column == "method":
+            shown[column] = values.map(lambda v: plots.method_label(v) if isinstance(v, str) else "")
+        elif pd.api.types.is_datetime64_any_dtype(values):
             shown[column] = values.dt.strftime("%Y-%m-%d %H:%M UTC").fillna("")
         elif pd.api.types.is_float_dtype(values) and bool((values.dropna() % 1 == 0).all()) and values.notna().any():
             shown[column] = values.map(lambda v: "" if pd.isna(v) else f"{v:.0f}")  # K, queued batches: integers
@@ -730,8 +745,8 @@ class _Builder:
         for method, rows in table.groupby("method"):
             best = rows.loc[rows["mean"].idxmax()]
             section.text.append(f"{plots.method_label(method)}: best mean {best['mean']:.3f} at {best['bin']} "
-                                f"negatives ({int(best['count'])} trial(s)); range covered "
-                                f"{rows['low'].min():.0f}–{rows['high'].max():.0f}.")
+                                f"negatives ({int(best['count'])} trial(s)); negatives tried: "
+                                f"{', '.join(str(b) for b in rows['bin'])}.")
         section.tables.append(Table("Objective per negatives-per-positive value", _display(
             table.drop(columns=["param", "center"]))))
         figure = plots.negatives_figure(self.completed, table, ylabel=self.ylabel, baselines=self.baselines)
@@ -969,7 +984,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NothingToAnalyse as error:
         print(str(error), file=sys.stderr)
         return 1
-    except (results.ResultsError, OSError) as error:  # OSError: a missing folder, remote storage, the report folder
+    except (results.ResultsError, UnreadableStudyFile, OSError) as error:  # OSError: missing folder, storage, --out
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(render_text(report, out_dir))

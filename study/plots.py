@@ -254,12 +254,14 @@ def learning_curves_figure(curves: pd.DataFrame) -> Figure:
     methods = sorted(curves["method"].dropna().unique())
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     panels = (("loss", "contrastive loss (nats)"), ("knn_monitor_accuracy", "kNN monitor accuracy (validation)"))
+    runs = curves.groupby(["study_name", "trial_id", "seed"]).ngroups
+    alpha = 0.8 if runs <= 20 else max(0.25, 0.8 * math.sqrt(20 / runs))  # many runs: fainter lines, visible bundles
     for ax, (metric, label) in zip(axes, panels):
         for (_study, _trial, _seed), run in curves.groupby(["study_name", "trial_id", "seed"], sort=False):
             method = run["method"].iloc[0]
             stopped = run["status"].iloc[0] != "completed"
             color = method_color(method, methods.index(method) if method in methods else 0)
-            ax.plot(run["epoch"], run[metric], color=color, alpha=0.8, linewidth=1.4, marker="o", markersize=3,
+            ax.plot(run["epoch"], run[metric], color=color, alpha=alpha, linewidth=1.4, marker="o", markersize=3,
                     linestyle="--" if stopped else "-")
             if stopped:
                 ax.plot(run["epoch"].iloc[-1], run[metric].iloc[-1], marker="x", color=color, markersize=8)

@@ -320,6 +320,12 @@ def test_missing_folder_and_unreadable_results_exit_2(tmp_path: Path, capsys: py
     err = capsys.readouterr().err
     assert "is not a readable Parquet file" in err
     _no_traceback(err)
+    (tmp_path / results.TRIALS_FILE).unlink()
+    (tmp_path / analyze.CONFIG_FILE).write_text("{not json")
+    assert analyze.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "study_config.json is not valid JSON" in err
+    _no_traceback(err)
 
 
 @settings(max_examples=60, deadline=None)
