@@ -330,7 +330,7 @@ def _space_kinds(config: Mapping[str, Any]) -> dict[str, str] | None:
         return None
     try:
         return {p.name: p.kind for p in load_space(str(name)).params}
-    except (SpaceError, OSError):
+    except (SpaceError, ValueError, OSError):
         return None
 
 
