@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -155,6 +155,35 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+class _RecordingWriter:
+    """A file for torch.save that keeps the OSError of a failed write: torch turns it into a RuntimeError that only
+    says "unexpected pos 768 vs 662", hiding that the disk is full or the file too large."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(state: dict[str, Any], file: BinaryIO) -> None:
+    writer = _RecordingWriter(file)
+    try:
+        torch.save(state, writer)
+    except RuntimeError:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
+
+
 def save_checkpoint(state: dict[str, Any], path: Path, *, keep_previous: bool = False) -> None:
     """Write atomically: a temporary file in the same folder, fsync, then rename over ``path``.
 
@@ -168,7 +197,7 @@ def save_checkpoint(state: dict[str, Any], path: Path, *, keep_previous: bool = 
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)  # a failed write surfaces as torch's RuntimeError ("unexpected pos ...")
+            _torch_save(state, f)
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.exists():

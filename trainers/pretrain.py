@@ -62,6 +62,9 @@ def run(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> dict[str
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or pick another "
                               "--run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Temporary files of a writer that was killed mid-write: never read, and only this process writes the folder.
+    for stale in run_dir.glob(f"{CHECKPOINT}.*.tmp"):
+        stale.unlink(missing_ok=True)
     trainer = Trainer(config)
     latest = load_latest_checkpoint(checkpoint) if resume else None
     if latest is not None:
