@@ -80,3 +80,51 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must not be null"):
         results.record(str(tmp_path), [_trial("b") | {"trial_id": None}], [])
     assert (tmp_path / results.TRIALS_FILE).read_bytes() == before
+
+
+def _foreign_table(path: Path) -> None:
+    pd.DataFrame({"x": [1]}).to_parquet(path)  # pandas metadata only: someone else's table
+
+
+def _other_version(path: Path) -> None:
+    schema = results.TRIALS_SCHEMA.with_metadata({"schema_version": "2", "table": "trials"})
+    pq.write_table(schema.empty_table(), path)
+
+
+def _epochs_table_as_trials(path: Path) -> None:
+    results.record(str(path.parent / "other"), [], _epochs("a", 1))
+    path.write_bytes((path.parent / "other" / results.EPOCHS_FILE).read_bytes())
+
+
+def _random_bytes(path: Path) -> None:
+    path.write_bytes(bytes(range(256)) * 40)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (_random_bytes, r"trials\.parquet is not a readable Parquet file"),
+    (_foreign_table, r"trials\.parquet is a Parquet file but not a results table of contrastive-study"),
+    (_other_version, r"trials\.parquet has schema version '2', this code reads version 1"),
+    (_epochs_table_as_trials, r"trials\.parquet holds the table 'epochs', not 'trials'"),
+])
+def test_a_damaged_or_foreign_file_is_named_and_never_overwritten(tmp_path: Path, damage, message: str) -> None:
+    results.record(str(tmp_path), [_trial("a")], [])
+    damage(tmp_path / results.TRIALS_FILE)
+    before = (tmp_path / results.TRIALS_FILE).read_bytes()
+    with pytest.raises(results.ResultsError, match=message + r".*move it away"):
+        results.load(str(tmp_path))
+    # A write would read the file to upsert into it: it refuses rather than replacing unknown rows with ours.
+    with pytest.raises(results.ResultsError, match=message):
+        results.record(str(tmp_path), [_trial("b")], [])
+    assert (tmp_path / results.TRIALS_FILE).read_bytes() == before
+
+
+def test_a_temporary_file_left_by_a_crash_is_ignored_and_replaced(tmp_path: Path) -> None:
+    results.record(str(tmp_path), [_trial("a")], _epochs("a", 1))
+    for name in (results.TRIALS_FILE, results.EPOCHS_FILE):  # a crash mid-write: half a file, or garbage
+        (tmp_path / f"{name}.tmp").write_bytes(b"PAR1 half a file")
+    trials, epochs = results.load(str(tmp_path))
+    assert list(trials.trial_id) == ["a"] and len(epochs) == 1
+    results.record(str(tmp_path), [_trial("b")], _epochs("b", 2))
+    trials, epochs = results.load(str(tmp_path))
+    assert sorted(trials.trial_id) == ["a", "b"] and len(epochs) == 3
+    assert not list(tmp_path.glob("*.tmp"))
