@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from trainers.config import METHOD_NAMES, TrainConfig, check_field_type, validate
+from trainers.config import METHOD_NAMES, TrainConfig, check_field_type, show, validate
 
 KINDS = ("loguniform", "uniform", "int", "choice")
 LR_SCALING = ("linear", "sqrt", "none")
@@ -139,7 +139,8 @@ class SearchSpace:
             try:
                 validate(TrainConfig(**(dict(base) | overrides)), world_size=world_size)
             except ValueError as error:
-                raise SpaceError(f"space {self.name!r} can sample an invalid configuration {active}: {error}") \
+                raise SpaceError(f"space {self.name!r} can sample an invalid configuration {show(active)}: "
+                                 f"{error}") \
                     from None
 
     def grid(self) -> list[dict[str, Any]]:
@@ -178,30 +179,34 @@ def parse_space(data: Any, *, source: str = "<dict>") -> SearchSpace:
         raise SpaceError(f"{source}: params must be a non-empty mapping of parameter -> distribution")
     params = []
     for name, spec in raw_params.items():
+        if not isinstance(name, str):
+            raise SpaceError(f"{source}: parameter names must be strings, got {show(name)}")
         if not isinstance(spec, dict):
-            raise SpaceError(f"parameter {name}: expected a mapping like {{choice: [...]}}, got {spec!r}")
+            raise SpaceError(f"parameter {name}: expected a mapping like {{choice: [...]}}, got {show(spec)}")
         kinds = [k for k in spec if k in KINDS]
         extra = sorted(set(spec) - set(KINDS) - {"when"}, key=repr)
         if len(kinds) != 1 or extra:
-            raise SpaceError(f"parameter {name}: give exactly one of {KINDS} (and optionally when), got {spec!r}")
+            raise SpaceError(f"parameter {name}: give exactly one of {KINDS} (and optionally when), got {show(spec)}")
         kind, arguments = kinds[0], spec[kinds[0]]
         when = spec.get("when", {})
         if not isinstance(when, dict):
-            raise SpaceError(f"parameter {name}: when must be a mapping like {{method: moco}}, got {when!r}")
+            raise SpaceError(f"parameter {name}: when must be a mapping like {{method: moco}}, got {show(when)}")
         if kind == "choice":
             if not isinstance(arguments, list) or not arguments:
-                raise SpaceError(f"parameter {name}: choice must be a non-empty list, got {arguments!r}")
-            params.append(Param(str(name), kind, choices=tuple(arguments), when=tuple(when.items())))
+                raise SpaceError(f"parameter {name}: choice must be a non-empty list, got {show(arguments)}")
+            params.append(Param(name, kind, choices=tuple(arguments), when=tuple(when.items())))
         else:
             if not (isinstance(arguments, list) and len(arguments) == 2 and all(map(_is_real, arguments))):
-                raise SpaceError(f"parameter {name}: {kind} needs [low, high], got {arguments!r}")
-            params.append(Param(str(name), kind, low=float(arguments[0]), high=float(arguments[1]),
+                raise SpaceError(f"parameter {name}: {kind} needs [low, high], got {show(arguments)}")
+            params.append(Param(name, kind, low=float(arguments[0]), high=float(arguments[1]),
                                 when=tuple(when.items())))
     version = data.get("version", 1)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise SpaceError(f"{source}: version must be an integer >= 1, got {version!r}")
-    return SearchSpace(name=str(data.get("name", Path(source).stem)), params=tuple(params), version=version,
-                       lr_scaling=data.get("lr_scaling", "linear"))
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= 2**31:
+        raise SpaceError(f"{source}: version must be an integer >= 1, got {show(version)}")
+    name = data.get("name", Path(source).stem)
+    if not isinstance(name, str):
+        raise SpaceError(f"{source}: name must be a string, got {show(name)}")
+    return SearchSpace(name=name, params=tuple(params), version=version, lr_scaling=data.get("lr_scaling", "linear"))
 
 
 def _is_real(value: Any) -> bool:
@@ -234,13 +239,13 @@ def load_space(name_or_path: str) -> SearchSpace:
         raise SpaceError(f"space file {str(path)!r} cannot be read: {error}") from None
     try:
         data = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError) as error:  # RecursionError: absurdly deep nesting
+    except (yaml.YAMLError, ValueError, RecursionError) as error:  # ValueError: an int of > 4300 digits
         raise SpaceError(f"space file {str(path)!r} is not valid YAML: {error}") from None
     return parse_space(data, source=str(path))
 
 
 def _fail(param: str, rule: str, value: Any) -> SpaceError:
-    return SpaceError(f"parameter {param} must {rule}, got {value!r}")
+    return SpaceError(f"parameter {param} must {rule}, got {show(value)}")
 
 
 def validate_space(space: SearchSpace) -> None:
@@ -268,7 +273,7 @@ def validate_space(space: SearchSpace) -> None:
             raise _fail(p.name, "have integer bounds", [p.low, p.high])
         for condition, _ in p.when:
             if condition not in names[: names.index(p.name)]:
-                raise SpaceError(f"parameter {p.name}: condition on {condition!r}, which is not declared before it")
+                raise SpaceError(f"parameter {p.name}: condition on {show(condition)}, which is not declared before it")
         if p.name in CHOICE_ONLY and p.kind != "choice":
             raise _fail(p.name, "be a choice (a range can sample values between valid ends that break "
                         "divisibility)", p.kind)
@@ -286,9 +291,10 @@ def validate_space(space: SearchSpace) -> None:
 def _check_value(name: str, value: Any) -> None:
     if name == "method" and value not in METHOD_NAMES:
         raise _fail(name, f"be one of {METHOD_NAMES}", value)
-    if name == "batch_size" and not (isinstance(value, int) and value >= 2 and value & (value - 1) == 0):
+    if name == "batch_size" and not (isinstance(value, int) and 2 <= value <= 2**62 and value & (value - 1) == 0):
         raise _fail(name, "be a power of two >= 2", value)
-    if name == "queued_batches" and not (isinstance(value, int) and value >= 1 and value & (value - 1) == 0):
-        raise _fail(name, "be a power of two >= 1", value)
-    if name == "base_lr" and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if name == "queued_batches" and not (isinstance(value, int) and 1 <= value <= MAX_QUEUE_LENGTH
+                                         and value & (value - 1) == 0):
+        raise _fail(name, f"be a power of two in [1, {MAX_QUEUE_LENGTH}]", value)
+    if name == "base_lr" and not (_is_real(value) and math.isfinite(value) and value > 0):
         raise _fail(name, "be > 0 (and finite)", value)

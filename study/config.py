@@ -154,7 +154,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     is_toml = Path(path).suffix == ".toml"
     try:
         data = tomllib.loads(text) if is_toml else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, RecursionError) as error:  # RecursionError: absurd nesting
+    # TOMLDecodeError is a ValueError, as is an int of more than 4300 digits in YAML; RecursionError: absurd nesting
+    except (ValueError, yaml.YAMLError, RecursionError) as error:
         raise ValueError(f"config file {path!r} is not valid {'TOML' if is_toml else 'YAML'}: {error}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path!r} must hold a mapping of study fields, got {type(data).__name__}")

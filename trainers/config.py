@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +62,7 @@ def check_field_type(f: dataclasses.Field, value: Any) -> None:
         # a string test first: ``value in choices`` compares with ==, which an unhashable or array value may break
         require(isinstance(value, str) and value in choices, f.name, f"be one of {choices}", value)
     elif f.type in ("int", int):
-        require(_is_int(value), f.name, "be an integer", value)
+        require(_is_int(value), f.name, "be an integer (64-bit)", value)
     elif f.type in ("float", float):
         require(_is_number(value), f.name, "be a finite number", value)
     elif f.type in ("bool", bool):
@@ -136,11 +137,24 @@ class TrainConfig(ConfigMixin):
 
 def require(ok: bool, name: str, rule: str, value: Any) -> None:
     if not ok:
-        raise ValueError(f"{name} must {rule}, got {value!r}")
+        raise ValueError(f"{name} must {rule}, got {show(value)}")
+
+
+def show(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` for a message, shortened: a value from a file can be a megabyte of text or an int whose
+    repr Python refuses (more than 4300 digits)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= limit else f"{text[: limit - 20]}...<{len(text)} characters>"
+
+
+INT64 = (-(2**63), 2**63 - 1)  # Parquet columns and torch seeds are 64-bit
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1]
 
 
 def _is_number(value: Any) -> bool:
@@ -178,8 +192,8 @@ def validate(config: TrainConfig, *, world_size: int = 1) -> None:
     require(c.knn_temperature > 0, "knn_temperature", "be > 0", c.knn_temperature)
     require(c.dataset != "imagefolder" or bool(c.data_root), "data_root", "be set for dataset imagefolder",
              c.data_root)
-    require(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"), "device",
-             "be auto, cpu or cuda[:N]", c.device)
+    require(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", c.device) is not None, "device", "be auto, cpu or cuda[:N]",
+             c.device)
     require(world_size >= 1, "world_size", "be >= 1", world_size)
     require(c.batch_size % world_size == 0, "batch_size",
              f"be divisible by the number of workers ({world_size})", c.batch_size)

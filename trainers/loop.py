@@ -8,9 +8,11 @@ and only rank 0 evaluates and writes.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import random
+import re
 import struct
 import sys
 import tempfile
@@ -59,15 +61,17 @@ def seed_everything(seed: int) -> None:
 
 
 def load_data(config: TrainConfig) -> DataSplits:
-    return load_splits(
-        config.dataset,
-        config.data_root or None,
-        val_size=config.val_size,
-        split_seed=config.split_seed,
-        pretrain_subset=config.pretrain_subset or None,
-        train_subset=config.probe_train_subset or None,
-        test_subset=config.test_subset or None,
-    )
+    return _cached_splits(config.dataset, config.data_root or None, config.val_size, config.split_seed,
+                          config.pretrain_subset or None, config.probe_train_subset or None, config.test_subset or None)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_splits(dataset: str, root: str | None, val_size: int, split_seed: int, pretrain_subset: int | None,
+                   train_subset: int | None, test_subset: int | None) -> DataSplits:
+    # A process that runs trial after trial (a reused Tune actor) reads and splits the dataset once. The splits
+    # are in-memory tensors that nothing modifies, so sharing them between consecutive Trainers is safe.
+    return load_splits(dataset, root, val_size=val_size, split_seed=split_seed, pretrain_subset=pretrain_subset,
+                       train_subset=train_subset, test_subset=test_subset)
 
 
 def build_method(config: TrainConfig, in_channels: int) -> ContrastiveMethod:
@@ -130,6 +134,7 @@ class CheckpointError(RuntimeError):
 # (also for any pickled object that is not plain data), and EOF/struct/index/key/value errors of the legacy reader.
 UNREADABLE_CHECKPOINT_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError, struct.error,
                                 pickle.UnpicklingError)
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 # What Trainer.state_dict writes; a file without these is not a checkpoint of a run, whatever it unpickles to.
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "global_step", "history", "rng", "config")
 
@@ -219,8 +224,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         # weights_only: a checkpoint is data, never code, even if someone swapped the file.
         return torch.load(path, map_location="cpu", weights_only=True)
     except UNREADABLE_CHECKPOINT_ERRORS as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {reason})") from error
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_reason(error)})") from error
+
+
+def _reason(error: BaseException) -> str:
+    """One line from torch.load's error: for a refused object the unpickler's verdict, not its advice to rerun
+    with ``weights_only=False``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    verdict = next((line.split(":", 1)[1].split(". Please")[0].strip() for line in lines
+                    if line.startswith("WeightsUnpickler error:")), None)
+    text = ANSI_ESCAPE.sub("", verdict or (lines[0] if lines else ""))  # torch prints some words in bold
+    return f"{type(error).__name__}: {text}"
 
 
 def _load_run_checkpoint(path: Path) -> dict[str, Any]:
