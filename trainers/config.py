@@ -62,7 +62,8 @@ def check_field_type(f: dataclasses.Field, value: Any) -> None:
         # a string test first: ``value in choices`` compares with ==, which an unhashable or array value may break
         require(isinstance(value, str) and value in choices, f.name, f"be one of {choices}", value)
     elif f.type in ("int", int):
-        require(_is_int(value), f.name, "be an integer (64-bit)", value)
+        require(_is_int(value), f.name, "be an integer", value)
+        require(INT64[0] <= value <= INT64[1], f.name, "fit in 64 bits (Parquet and torch seeds)", value)
     elif f.type in ("float", float):
         require(_is_number(value), f.name, "be a finite number", value)
     elif f.type in ("bool", bool):
@@ -154,7 +155,7 @@ INT64 = (-(2**63), 2**63 - 1)  # Parquet columns and torch seeds are 64-bit
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1]
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
