@@ -60,6 +60,8 @@ def _timed_loop(loop_config: dict[str, Any]) -> None:
     entered = time.time()
 
     def after_epoch(trainer: Trainer) -> None:
+        if trainer.rank != 0:  # metrics are already averaged over ranks; one line per epoch
+            return
         record = {"t": time.time(), "entered": entered, "threads": torch.get_num_threads(),
                   "omp": os.environ.get("OMP_NUM_THREADS"), **trainer.history[-1]}
         with log.open("a") as f:
@@ -68,9 +70,10 @@ def _timed_loop(loop_config: dict[str, Any]) -> None:
     run_worker(loop_config, after_epoch=after_epoch)
 
 
-def ray_run(config: TrainConfig, storage: Path, name: str, cpus_per_worker: float) -> dict[str, Any]:
+def ray_run(config: TrainConfig, storage: Path, name: str, cpus_per_worker: float, workers: int = 1) -> dict[str, Any]:
+    """One ``TorchTrainer.fit()`` with the real worker body; rank 0's epochs are logged (every rank appends)."""
     log = storage / f"{name}.jsonl"
-    trainer = make_torch_trainer(config, workers=1, storage_path=str(storage), name=name,
+    trainer = make_torch_trainer(config, workers=workers, storage_path=str(storage), name=name,
                                  cpus_per_worker=cpus_per_worker, loop=_timed_loop, loop_extras={"log": str(log)})
     start = time.time()
     trainer.fit()

@@ -508,10 +508,11 @@ def accounting(trials: pd.DataFrame, study_configs: Mapping[str, Mapping[str, An
     """One row per study: trials (configurations) and runs (trial x seed), runs by status, the share stopped
     early, compute and wall time.
 
-    ``worker_hours`` = sum over runs of wall time x Train workers; ``cpu_hours`` = worker-hours x
-    ``cpus_per_worker`` and ``gpu_hours`` = worker-hours x ``gpus_per_worker`` (from ``study_config.json``). With
-    ``cpus_per_worker`` 0 ("auto": each trial had the whole machine, whose size the rows do not record)
-    ``cpu_hours`` is NaN and ``compute_note`` says so. ``wall_time_h``: last finish minus first start.
+    ``worker_hours`` = sum over runs of wall time x Train workers; ``cpu_hours`` / ``gpu_hours`` = sum over runs
+    of wall time x workers x the CPUs / GPUs per worker that the run's row records (as resolved on the cluster).
+    Rows written before those columns existed fall back to ``study_config.json``; there ``cpus_per_worker`` 0
+    ("auto": the whole machine, size unrecorded) leaves ``cpu_hours`` NaN and ``compute_note`` says so.
+    ``wall_time_h``: last finish minus first start.
     """
     rows = []
     for name, runs in trials.groupby("study_name", sort=True):
@@ -520,19 +521,25 @@ def accounting(trials: pd.DataFrame, study_configs: Mapping[str, Mapping[str, An
         workers = runs["workers"].fillna(runs["world_size"]).fillna(1)
         worker_hours = float((runs["wall_time_s"].fillna(0) * workers).sum()) / 3600
         cpus, gpus = _resource(config, "cpus_per_worker"), _resource(config, "gpus_per_worker")
-        if cpus == 0:
-            note = "cpus_per_worker 0 (auto: each trial had the whole machine); CPU-hours unknown, see worker-hours"
-        elif math.isnan(cpus):
-            note = "no study_config.json: CPU/GPU per worker unknown, see worker-hours"
+        if runs["cpus_per_worker"].notna().all():  # rows record the resolved resources (the config may say auto)
+            worker_cpus, worker_gpus = runs["cpus_per_worker"], runs["gpus_per_worker"].fillna(0)
+            cpu_hours = float((runs["wall_time_s"].fillna(0) * workers * worker_cpus).sum()) / 3600
+            gpu_hours = float((runs["wall_time_s"].fillna(0) * workers * worker_gpus).sum()) / 3600
+            cpus, gpus = float(worker_cpus.mean()), float(worker_gpus.mean())
         else:
-            note = ""
+            cpu_hours = worker_hours * cpus if cpus > 0 else math.nan
+            gpu_hours = worker_hours * gpus if not math.isnan(gpus) else math.nan
+        note = ""
+        if math.isnan(cpu_hours) and cpus == 0:
+            note = "cpus_per_worker 0 (auto: each trial had the whole machine); CPU-hours unknown, see worker-hours"
+        elif math.isnan(cpu_hours):
+            note = "no study_config.json: CPU/GPU per worker unknown, see worker-hours"
         rows.append({
             "study_name": name, "trials": runs["trial_id"].nunique(), "runs": len(runs),
             **{status: int(counts.get(status, 0)) for status in results.STATUSES},
             "early_stopped_share": counts.get("early-stopped", 0) / len(runs),
             "worker_hours": worker_hours, "cpus_per_worker": cpus,
-            "cpu_hours": worker_hours * cpus if cpus > 0 else math.nan,
-            "gpus_per_worker": gpus, "gpu_hours": worker_hours * gpus if not math.isnan(gpus) else math.nan,
+            "cpu_hours": cpu_hours, "gpus_per_worker": gpus, "gpu_hours": gpu_hours,
             "wall_time_h": (runs["finished_at"].max() - runs["started_at"].min()).total_seconds() / 3600,
             "started": runs["started_at"].min(), "finished": runs["finished_at"].max(), "compute_note": note,
         })

@@ -29,7 +29,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces import SearchSpace
-from study import results, storage
+from study import analyze, results, storage
 from study.config import StudyConfig, differences, read_config_file
 from study.trial import WORST_OBJECTIVE, run_trial, train_configs, trial_row
 from trainers.config import TrainConfig, add_dataclass_arguments, dataclass_values
@@ -61,9 +61,10 @@ class StudySearch(OptunaSearch):
 class ResultsCallback(tune.Callback):
     """Writes each trial's rows to the results store as soon as the trial ends, whatever the ending."""
 
-    def __init__(self, study: StudyConfig, baselines: dict[str, float]) -> None:
+    def __init__(self, study: StudyConfig, baselines: dict[str, float], cpus_per_worker: float) -> None:
         self.study = study
         self.baselines = baselines
+        self.cpus_per_worker = cpus_per_worker
         self.epochs: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
@@ -89,7 +90,8 @@ class ResultsCallback(tune.Callback):
                 if done:
                     final["final_loss"] = epochs[(config.seed, max(done))]["loss"]
                 started = time.time() - float(last.get("time_total_s", 0.0))  # Tune's running time of the trial
-                rows.append(trial_row(self.study, trial.trial_id, config, trial.config, final, started))
+                rows.append(trial_row(self.study, trial.trial_id, config, trial.config, final, started,
+                                      self.cpus_per_worker))
         rows = [row | self.baselines for row in rows]
         results.record(self.study.study_dir, rows, self._epoch_rows(trial.trial_id))
 
@@ -261,7 +263,7 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
             trial_resources(study),
         )
         tune_path = storage.join(study_dir, "tune")
-        callbacks = [ResultsCallback(study, baselines)]
+        callbacks = [ResultsCallback(study, baselines, worker_cpus(study))]
         if resume and tune.Tuner.can_restore(tune_path):
             # The restored run config keeps its pickled callbacks (our ResultsCallback) and the searcher state.
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
@@ -276,7 +278,10 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=make_searcher(study, space), scheduler=scheduler,
-                                            num_samples=study.num_trials, max_concurrent_trials=concurrency(study)),
+                                            num_samples=study.num_trials, max_concurrent_trials=concurrency(study),
+                                            # In-process trials: the next trial runs in the finished trial's
+                                            # process (torch imported, dataset cached), not in a new actor.
+                                            reuse_actors=study.in_process),
                 run_config=tune.RunConfig(name="tune", storage_path=study_dir, callbacks=callbacks,
                                           failure_config=tune.FailureConfig(max_failures=study.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
@@ -287,7 +292,23 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
     print(f"\nbest trials (objective: {study.objective}):\n{best_table(study_dir)}")
     files = " and ".join(storage.join(study_dir, name) for name in (results.TRIALS_FILE, results.EPOCHS_FILE))
     print(f"\nresults: {files}  (study.results.load({study_dir!r}) -> pandas)")
+    report_study(study_dir)
     return study_dir
+
+
+def report_study(study_dir: str) -> None:
+    """The analysis report of the finished study; a study whose analysis fails has still finished."""
+    try:
+        local = study_dir.removeprefix("file://") if "://" not in study_dir.removeprefix("file://") else None
+        folder = analyze.write_report([study_dir], f"{local}/{analyze.REPORT_DIR}" if local else None)
+    except analyze.NothingToAnalyse as reason:
+        print(f"\nno analysis report: {reason}", flush=True)
+    except Exception as error:  # the trials are safe in Parquet; the report can be redone with study.analyze
+        print(f"\nWARNING: the analysis failed ({type(error).__name__}: {error}); rerun it with "
+              f"python -m study.analyze {study_dir}", file=sys.stderr, flush=True)
+    else:
+        print(f"\nanalysis report: {folder}/report.html (and report.md; python -m study.analyze {study_dir})",
+              flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

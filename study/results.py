@@ -71,6 +71,8 @@ _TRIAL_FIELDS: list[pa.Field] = [
         "wall_time_s", "evaluation_time_s", "images_per_second")],
     pa.field("nodes", pa.int64()),
     pa.field("workers", pa.int64()),
+    pa.field("cpus_per_worker", pa.float64()),  # as resolved for the cluster (the study's 0 = auto is not kept)
+    pa.field("gpus_per_worker", pa.float64()),
     *[pa.field(name, pa.string()) for name in ("torch_version", "ray_version", "optuna_version", "python_version")],
     pa.field("started_at", pa.timestamp("us", tz="UTC")),
     pa.field("finished_at", pa.timestamp("us", tz="UTC")),

@@ -56,7 +56,7 @@ def train_configs(study: StudyConfig, sampled: dict[str, Any]) -> list[TrainConf
 
 
 def trial_row(study: StudyConfig, trial_id: str, config: TrainConfig, sampled: dict[str, Any],
-              final: dict[str, Any], started: float) -> dict[str, Any]:
+              final: dict[str, Any], started: float, cpus_per_worker: float) -> dict[str, Any]:
     """One trials.parquet row: the configuration, derived quantities, outcome and provenance."""
     status = final.get("status", "completed")
     objective = final.get(study.objective) if status == "completed" else WORST_OBJECTIVE
@@ -73,6 +73,7 @@ def trial_row(study: StudyConfig, trial_id: str, config: TrainConfig, sampled: d
         **{k: v for k, v in final.items()
            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in TRAIN_FIELDS},
         "nodes": len({n["NodeID"] for n in ray.nodes() if n["Alive"]}), "workers": study.workers_per_trial,
+        "cpus_per_worker": cpus_per_worker, "gpus_per_worker": study.gpus_per_worker,
         "wall_time_s": time.time() - started,
         "started_at": started, "finished_at": time.time(),  # seconds since the epoch; stored as UTC timestamps
         **versions(),
@@ -125,7 +126,7 @@ def _rows_in_process(study: StudyConfig, trial_id: str, sampled: dict[str, Any],
             trainer.load_state_dict(state)  # refuses a state written by another configuration
             state = None
         final = _run_seed_in_process(trainer, progress)
-        progress["rows"].append(trial_row(study, trial_id, config, sampled, final, progress["started"]))
+        progress["rows"].append(trial_row(study, trial_id, config, sampled, final, progress["started"], cpus))
         progress["started"] = time.time()
     return progress["rows"]
 
@@ -142,7 +143,7 @@ def run_trial(sampled: dict[str, Any], *, study: dict[str, Any], cpus_per_worker
         for config in configs:
             started = time.time()
             final = _train_with_ray_train(study_config, trial_id, config, cpus_per_worker)
-            rows.append(trial_row(study_config, trial_id, config, sampled, final, started))
+            rows.append(trial_row(study_config, trial_id, config, sampled, final, started, cpus_per_worker))
     objectives = [row["objective"] for row in rows]
     tune.report({"is_final": True, "objective": sum(objectives) / len(objectives),
                  "trial_rows": json.dumps(rows, default=str)})

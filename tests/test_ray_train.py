@@ -136,3 +136,21 @@ def test_dead_worker_is_restarted_from_the_last_checkpoint(local_ray: None, tmp_
     assert [entry["epoch"] for entry in rank1] == [1, 2, 2, 3]
     assert len({entry["pid"] for entry in rank1}) == 2
     assert [epoch["epoch"] for epoch in _history(result)] == [1, 2, 3]  # no epoch lost or counted twice
+
+
+def _nan_on_rank1_loop(loop_config: dict[str, Any]) -> None:
+    def after_epoch(trainer: Any) -> None:
+        if trainer.rank == 1 and trainer.epoch == 1:
+            with torch.no_grad():  # rank 1 alone: its next loss is NaN, rank 0's is still finite
+                next(trainer.method.backbone.parameters()).fill_(float("nan"))
+
+    run_worker(loop_config, after_epoch=after_epoch)
+
+
+def test_nan_on_one_rank_stops_every_rank_at_the_same_step(local_ray: None, tmp_path: Path) -> None:
+    config = TrainConfig(method="simclr", **(TINY | {"epochs": 3, "probe": False}))
+    result = make_torch_trainer(config, workers=2, storage_path=str(tmp_path), name="nan",
+                                loop=_nan_on_rank1_loop).fit()  # a rank left waiting would hang until the timeout
+    assert result.metrics["status"] == "diverged" and result.metrics["is_final"]
+    assert "non-finite" in result.metrics["failure_reason"] and "epoch 2" in result.metrics["failure_reason"]
+    assert result.metrics["epochs_done"] == 1

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import ray
 
-from study import results
+from study import analyze, results
 from study.config import StudyConfig
 from study.launch import main, prepare_study_dir, run_study
 
@@ -94,6 +94,10 @@ def test_smoke_study_end_to_end(tmp_path: Path) -> None:
             assert row["negatives_per_positive"] == 2 * row["batch_size"] - 2
     saved = json.loads((tmp_path / "smoke" / "study_config.json").read_text())
     assert saved == study.to_dict()
+    # The launcher ends with the analysis report; the analysis command works on the same real study.
+    assert "data:image/png;base64," in (tmp_path / "smoke" / "report" / "report.html").read_text()
+    assert analyze.main([study_dir, "--out", str(tmp_path / "again")]) == 0
+    assert {"report.md", "report.html", "learning_curves.png"} <= {p.name for p in (tmp_path / "again").iterdir()}
 
 
 @needs_data
