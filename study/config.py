@@ -19,7 +19,7 @@ from trainers.config import BACKBONE_NAMES, DATASET_NAMES, ConfigMixin, TrainCon
 
 SEARCHERS = ("tpe", "random", "grid")
 SCHEDULERS = ("asha", "none")
-TRIAL_MODES = ("auto", "in_process", "ray_train")
+TRIAL_MODES = ("auto", "in_process", "ray_train", "synthetic")
 OBJECTIVES = ("linear_val_accuracy", "knn_val_accuracy")
 # Training-set sizes, so "batch larger than the dataset" is refused without loading anything.
 TRAIN_SPLIT_SIZES = {"fashion_mnist": 60000, "cifar10": 50000, "stl10": 105000}
@@ -54,7 +54,9 @@ class StudyConfig(ConfigMixin):
     gpus_per_worker: float = _f(0.0, "GPUs per Ray Train worker (0 = CPU training)")
     trial_mode: str = _f("auto", "how a trial trains: in_process (in the Tune trial itself, no separate worker "
                          "group: ~15 s less per trial), ray_train (a TorchTrainer per trial), auto = in_process "
-                         "when workers_per_trial is 1", choices=TRIAL_MODES)
+                         "when workers_per_trial is 1; synthetic = no training, a known objective of the sampled "
+                         "values (checks a cluster, the searcher and the results store in seconds)",
+                         choices=TRIAL_MODES)
     max_concurrent_trials: int = _f(0, "0 = as many as the cluster's CPUs/GPUs allow without deadlock")
     searcher: str = _f("tpe", "search algorithm (Optuna TPE, random, or grid over choice spaces)", choices=SEARCHERS)
     scheduler: str = _f("asha", "early stopping on the per-epoch kNN monitor (ASHA) or none", choices=SCHEDULERS)
@@ -90,7 +92,8 @@ class StudyConfig(ConfigMixin):
     @property
     def in_process(self) -> bool:
         """Whether trials train inside the Tune trial (one worker) instead of a Ray Train worker group."""
-        return self.trial_mode == "in_process" or (self.trial_mode == "auto" and self.workers_per_trial == 1)
+        return self.trial_mode in ("in_process", "synthetic") or (self.trial_mode == "auto"
+                                                                  and self.workers_per_trial == 1)
 
     def seeds(self) -> list[int]:
         return [self.seed + r for r in range(self.replicates)]

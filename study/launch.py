@@ -150,6 +150,8 @@ def prepare_study_dir(study: StudyConfig, *, resume: bool) -> str:
 
 def compute_baselines(study: StudyConfig) -> dict[str, float]:
     """Raw-pixel and random-init probe accuracies, once per study (they do not depend on the trials)."""
+    if study.trial_mode == "synthetic":  # nothing is trained, so nothing is compared
+        return {}
     cached = storage.join(study.study_dir, BASELINES_FILE)
     if storage.exists(cached):
         return storage.read_json(cached)

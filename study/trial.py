@@ -9,6 +9,9 @@ Two ways to train, the same ``trainers.loop.run_to_end`` either way (same data o
   ``TuneReportCallback``. Its Train runs are named by the trial id and seed only, so a retried trial resumes them
   from their checkpoints.
 
+A third mode, ``synthetic``, trains nothing: it reports a known objective of the sampled values through the same
+protocol, to check a cluster, the searcher and the results store in seconds (and to load-test them).
+
 Either way ASHA decides on the per-epoch reports, and a diverged run is not an error: it ends with status
 ``diverged`` and the worst objective (0), never a NaN that would leave an Optuna trial running. After its seeds
 the trial reports once more, with ``is_final`` and one row per seed for the results store.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import tempfile
 import time
@@ -131,12 +135,37 @@ def _rows_in_process(study: StudyConfig, trial_id: str, sampled: dict[str, Any],
     return progress["rows"]
 
 
+def synthetic_objective(config: TrainConfig) -> float:
+    """The ``synthetic`` trial mode's known truth: a peak at temperature 0.2 (log scale), nothing else matters."""
+    return 0.9 - 0.1 * math.log10(config.temperature / 0.2) ** 2
+
+
+def _rows_synthetic(study: StudyConfig, trial_id: str, sampled: dict[str, Any], configs: list[TrainConfig],
+                    cpus: float) -> list[dict[str, Any]]:
+    """No training: per-epoch reports and a final row through the same protocol as a real trial."""
+    rows = []
+    for config in configs:
+        started = time.time()
+        accuracy = synthetic_objective(config)
+        metrics: dict[str, Any] = {}
+        for epoch in range(1, config.epochs + 1):
+            metrics = {"epoch": epoch, "seed": config.seed, "is_final": False, "loss": 10.0 / epoch,
+                       "knn_monitor_accuracy": accuracy * epoch / config.epochs}
+            tune.report(metrics)
+        final = {**metrics, "is_final": True, "status": "completed", "epochs_done": config.epochs,
+                 "final_loss": metrics["loss"], "linear_val_accuracy": accuracy, "knn_val_accuracy": accuracy}
+        rows.append(trial_row(study, trial_id, config, sampled, final, started, cpus))
+    return rows
+
+
 def run_trial(sampled: dict[str, Any], *, study: dict[str, Any], cpus_per_worker: float) -> None:
     """Tune's trainable (``tune.with_parameters(run_trial, study=..., cpus_per_worker=...)``)."""
     study_config = StudyConfig.from_dict(study)
     trial_id = tune.get_context().get_trial_id()
     configs = train_configs(study_config, sampled)
-    if study_config.in_process:
+    if study_config.trial_mode == "synthetic":
+        rows = _rows_synthetic(study_config, trial_id, sampled, configs, cpus_per_worker)
+    elif study_config.in_process:
         rows = _rows_in_process(study_config, trial_id, sampled, configs, cpus_per_worker)
     else:
         rows = []
