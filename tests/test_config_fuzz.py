@@ -46,7 +46,8 @@ anything = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                         | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
 # Values close to valid ones, so the fuzzer also reaches the invariants behind the type checks.
 plausible = st.sampled_from([
-    0, 1, 2, 3, -1, 7, 32, 64, 100, 256, 4096, 65536, 0.0, 0.1, 0.5, 1.0, 1.5, 1e-9, 1e300, math.nan, math.inf,
+    0, 1, 2, 3, -1, 7, 32, 64, 100, 256, 4096, 65536, 2**63, 10**400, 2**5000, 0.0, 0.1, 0.5, 1.0, 1.5, 1e-9, 1e300,
+    math.nan, math.inf,
     True, False, "", "simclr", "moco", "cpu", "cuda", "cuda:1", "cudax", "auto", "fashion_mnist", "imagefolder",
     "smoke", "contrastive", "nope", "../x", "x.yaml", "studies", "s3://bucket/p", "/", "a/b", "..", ".", "a\\..\\b",
     "ok-name", "a\x00b", "tpe", "grid", "asha", "none", "in_process", "127.0.0.1",
@@ -69,7 +70,7 @@ def _only_documented_refusals(build: Any, data: Any) -> Any:
         return None
 
 
-@FUZZ
+@settings(FUZZ, max_examples=600)
 @given(_mapping(TRAIN_FIELDS))
 def test_train_config_from_dict_raises_only_value_error(data: dict) -> None:
     config = _only_documented_refusals(TrainConfig.from_dict, data)
@@ -79,7 +80,7 @@ def test_train_config_from_dict_raises_only_value_error(data: dict) -> None:
             torch.device(config.device)  # and used
 
 
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=600)
 @given(_mapping(STUDY_FIELDS))
 def test_study_config_from_dict_raises_only_value_error(data: dict) -> None:
     study = _only_documented_refusals(StudyConfig.from_dict, data)
@@ -87,6 +88,20 @@ def test_study_config_from_dict_raises_only_value_error(data: dict) -> None:
         assert StudyConfig.from_dict(json.loads(study.to_json())) == study
         # the study folder is one level below storage_path, never above or beside it
         assert posixpath.dirname(posixpath.normpath(study.study_dir)) == posixpath.normpath(study.storage_path)
+
+
+# Every field meets every awkward value a YAML or TOML file can hold (exhaustive, where random draws are rare).
+EDGES = [None, True, False, 0, -1, 2**63, -(2**63) - 1, 10**400, 2**5000, -0.0, 1e-320, math.nan, math.inf,
+         -math.inf, "", "0", "\x00", "x" * 10_000, b"1", [], [1], {}, {"a": 1}, (1,), {1}]
+
+
+def test_every_field_meets_every_edge_value_with_a_value_error_or_a_valid_config() -> None:
+    for cls, fields in ((TrainConfig, TRAIN_FIELDS), (StudyConfig, STUDY_FIELDS)):
+        for field in fields:
+            for value in EDGES:
+                config = _only_documented_refusals(cls.from_dict, {field: value})
+                if config is not None:
+                    assert cls.from_dict(json.loads(config.to_json())) == config
 
 
 def _yaml_text(data: dict) -> str:

@@ -31,7 +31,7 @@ from trainers.loop import (
     load_latest_checkpoint,
     save_checkpoint,
 )
-from trainers.pretrain import CHECKPOINT, main
+from trainers.pretrain import CHECKPOINT, DAMAGED_CHECKPOINT, main
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
@@ -118,6 +118,8 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one_exactly(
     captured = capsys.readouterr()
     assert f"skipped: {newest} is not a readable checkpoint" in captured.err
     assert f"resumed from {previous} after epoch 1" in captured.out
+    damaged = run_dir / DAMAGED_CHECKPOINT  # set aside, so that rotation never moves it over a good checkpoint
+    assert damaged.read_bytes() == data[: len(data) // 2]
 
     reference = Trainer(TrainConfig(**TINY))
     reference.fit()

@@ -25,6 +25,7 @@ from trainers.config import TrainConfig, add_dataclass_arguments, dataclass_valu
 from trainers.loop import CheckpointError, Trainer, checkpoint_files, load_latest_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
+DAMAGED_CHECKPOINT = "checkpoint.damaged.pt"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +72,12 @@ def run(config: TrainConfig, run_dir: Path, *, resume: bool = False) -> dict[str
         state, source = latest
         trainer.load_state_dict(state)
         print(f"resumed from {source} after epoch {trainer.epoch}", flush=True)
+        if source != checkpoint and checkpoint.exists():
+            # Set the damaged newest file aside (kept for inspection): the next save would otherwise rotate it
+            # into checkpoint.prev.pt, over the good checkpoint this run just resumed from.
+            damaged = run_dir / DAMAGED_CHECKPOINT
+            checkpoint.replace(damaged)
+            print(f"moved the unreadable {checkpoint} to {damaged}", file=sys.stderr, flush=True)
     write_json(run_dir / "config.json", config.to_dict())
     # metrics.jsonl is rebuilt from the checkpoint's history: epochs after it (lost with a newer checkpoint, or
     # written just before a crash) are trained again and must not appear twice.
