@@ -36,7 +36,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from study.config import StudyConfig
 from trainers.config import TrainConfig
-from trainers.distributed import CHECKPOINT_FILE, make_torch_trainer
+from trainers.distributed import CHECKPOINT_FILE, make_torch_trainer, restore
 from trainers.loop import Trainer, load_checkpoint, run_to_end, save_checkpoint
 
 WORST_OBJECTIVE = 0.0  # accuracies lie in [0, 1]
@@ -121,9 +121,8 @@ def _rows_in_process(study: StudyConfig, trial_id: str, sampled: dict[str, Any],
     state: dict[str, Any] | None = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            progress = json.loads((Path(folder) / PROGRESS_FILE).read_text())
-            state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        progress, state = restore(checkpoint, lambda folder: (json.loads((folder / PROGRESS_FILE).read_text()),
+                                                              load_checkpoint(folder / CHECKPOINT_FILE)))
     for config in configs[len(progress["rows"]):]:
         trainer = Trainer(config)
         if state is not None:

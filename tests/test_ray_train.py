@@ -154,3 +154,41 @@ def test_nan_on_one_rank_stops_every_rank_at_the_same_step(local_ray: None, tmp_
     assert result.metrics["status"] == "diverged" and result.metrics["is_final"]
     assert "non-finite" in result.metrics["failure_reason"] and "epoch 2" in result.metrics["failure_reason"]
     assert result.metrics["epochs_done"] == 1
+
+
+def _crash_before_epoch3_report_loop(loop_config: dict[str, Any]) -> None:
+    log = Path(loop_config["log"])
+
+    def after_epoch(trainer: Any) -> None:
+        with log.open("a") as f:
+            f.write(json.dumps({"epoch": trainer.epoch, "loss": trainer.history[-1]["loss"]}) + "\n")
+        if trainer.epoch == 3 and loop_config.get("crash"):
+            os._exit(1)
+
+    run_worker(loop_config, after_epoch=after_epoch)
+
+
+def test_truncated_newest_checkpoint_resumes_from_the_one_before(local_ray: None, tmp_path: Path,
+                                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    config = TrainConfig(method="simclr", **(TINY | {"epochs": 3, "probe": False}))
+    log = tmp_path / "epochs.jsonl"
+
+    def fit(crash: bool) -> Any:
+        return make_torch_trainer(config, workers=1, storage_path=str(tmp_path), name="truncated",
+                                  loop=_crash_before_epoch3_report_loop,
+                                  loop_extras={"log": str(log), "crash": crash}).fit()
+
+    with pytest.raises(ray.train.TrainingFailedError):
+        fit(crash=True)  # epochs 1 and 2 reported with checkpoints, then the worker dies for real
+    checkpoints = sorted(p for p in (tmp_path / "truncated").glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2
+    newest = checkpoints[-1] / CHECKPOINT_FILE
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # as if the write had been cut short
+
+    result = fit(crash=False)
+    assert result.metrics["epochs_done"] == 3 and result.metrics["status"] == "completed"
+    epochs = [json.loads(line) for line in log.read_text().splitlines()]
+    # First run: 1, 2, 3 (died before reporting 3). Resumed from epoch 1's checkpoint, not the truncated one: 2, 3.
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 2, 3]
+    assert epochs[3]["loss"] == epochs[1]["loss"] and epochs[4]["loss"] == epochs[2]["loss"]  # the same epochs again
+    assert f"skipped checkpoint {checkpoints[-1]}" in capfd.readouterr().err

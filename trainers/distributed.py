@@ -10,11 +10,13 @@ encoder, queue and pointer, optimizer, scheduler, RNG states, epoch). A (re)star
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
@@ -22,9 +24,10 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from trainers.config import TrainConfig, validate
-from trainers.loop import Trainer, load_checkpoint, run_to_end, save_checkpoint
+from trainers.loop import CheckpointError, Trainer, load_checkpoint, run_to_end, save_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"
+T = TypeVar("T")
 
 
 def _report(trainer: Trainer, metrics: dict[str, Any], with_checkpoint: bool) -> None:
@@ -50,9 +53,34 @@ def build_worker_trainer(config: TrainConfig) -> Trainer:
     trainer = Trainer(config, device=ray.train.torch.get_device(), wrap_model=wrap)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load_state_dict(load_checkpoint(Path(folder) / CHECKPOINT_FILE))
+        trainer.load_state_dict(restore(checkpoint, lambda folder: load_checkpoint(folder / CHECKPOINT_FILE)))
     return trainer
+
+
+def restore(checkpoint: Checkpoint, read: Callable[[Path], T]) -> T:
+    """``read(folder)`` of ``checkpoint``, or, if that fails because a file in it is missing or damaged (a crash
+    while it was written or uploaded), of the newest older checkpoint of the same run that reads (Ray Train and
+    Tune keep the last two, named so that they sort by age). Every skipped one is named, with its problem."""
+    problems: list[str] = []
+    for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
+        try:
+            with candidate.as_directory() as folder:
+                value = read(Path(folder))
+        except (CheckpointError, OSError, ValueError) as error:  # ValueError: e.g. a truncated JSON file
+            problems.append(f"{candidate.path}: {error}")
+            continue
+        for problem in problems:
+            print(f"skipped checkpoint {problem}; resuming from {candidate.path}", file=sys.stderr, flush=True)
+        return value
+    raise CheckpointError("no readable checkpoint to resume from: " + "; ".join(problems))
+
+
+def _older_checkpoints(checkpoint: Checkpoint) -> list[Checkpoint]:
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    siblings = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+    older = sorted((info.path for info in siblings if info.type == pafs.FileType.Directory
+                    and info.base_name.startswith("checkpoint_") and info.base_name < name), reverse=True)
+    return [Checkpoint(path, filesystem=checkpoint.filesystem) for path in older]
 
 
 def run_worker(loop_config: dict[str, Any], *, after_epoch: Callable[[Trainer], None] | None = None) -> None:
