@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from search_spaces import SearchSpace
 from study import analyze, results, storage
@@ -90,8 +92,9 @@ class ResultsCallback(tune.Callback):
                 if done:
                     final["final_loss"] = epochs[(config.seed, max(done))]["loss"]
                 started = time.time() - float(last.get("time_total_s", 0.0))  # Tune's running time of the trial
-                rows.append(trial_row(self.study, trial.trial_id, config, trial.config, final, started,
-                                      self.cpus_per_worker))
+                row = trial_row(self.study, trial.trial_id, config, trial.config, final, started,
+                                self.cpus_per_worker)
+                rows.append(row | {"node_id": None})  # built here, in the launcher: the trial's node is unknown
         rows = [row | self.baselines for row in rows]
         results.record(self.study.study_dir, rows, self._epoch_rows(trial.trial_id))
 
@@ -221,6 +224,38 @@ def make_searcher(study: StudyConfig, space: SearchSpace) -> StudySearch:
     return StudySearch(space=define_by_run, metric="objective", mode="max", sampler=sampler)
 
 
+@ray.remote(num_cpus=0)
+def _read_token(location: str) -> str | None:
+    try:
+        return storage.read_json(location)
+    except (OSError, ValueError):
+        return None
+
+
+def check_storage_is_shared(study_dir: str) -> None:
+    """Refuse a study whose folder some node of the cluster cannot see: its trials would write their checkpoints
+    and Tune its results where the launcher never looks, and a retried trial would not find its checkpoint."""
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    if len(nodes) < 2:
+        return
+    token = secrets.token_hex(8)
+    probe = storage.join(study_dir, f".shared-storage-check-{token}.json")
+    storage.write_json(probe, token)
+    try:
+        seen = ray.get([_read_token.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"],
+                                                                                               soft=False))
+                        .remote(probe) for node in nodes])
+    finally:
+        fs, path = storage.filesystem(probe)
+        fs.delete_file(path)
+    blind = [f"{node['NodeManagerAddress']} (node {node['NodeID'][:12]})" for node, value in zip(nodes, seen)
+             if value != token]
+    if blind:
+        raise ValueError(f"the study folder {study_dir} is not visible from every node of the cluster: "
+                         f"{', '.join(blind)} cannot read a file the launcher wrote there. A multi-node study needs "
+                         "--storage-path on storage every node sees (NFS, or a URI such as s3://bucket/studies)")
+
+
 def start_ray(study: StudyConfig, *, expose_dashboard: bool) -> None:
     if study.address:
         ray.init(address=study.address)
@@ -259,6 +294,7 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     start_ray(study, expose_dashboard=expose_dashboard)
     try:
+        check_storage_is_shared(study_dir)
         baselines = compute_baselines(study)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, study=study.to_dict(), cpus_per_worker=worker_cpus(study)),

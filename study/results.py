@@ -70,6 +70,7 @@ _TRIAL_FIELDS: list[pa.Field] = [
         "random_init_knn_test_accuracy", "raw_pixel_linear_val_accuracy", "raw_pixel_linear_test_accuracy",
         "wall_time_s", "evaluation_time_s", "images_per_second")],
     pa.field("nodes", pa.int64()),
+    pa.field("node_id", pa.string()),  # the Ray node of the trial's own process (in-process trials train there)
     pa.field("workers", pa.int64()),
     pa.field("cpus_per_worker", pa.float64()),  # as resolved for the cluster (the study's 0 = auto is not kept)
     pa.field("gpus_per_worker", pa.float64()),

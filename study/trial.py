@@ -76,7 +76,8 @@ def trial_row(study: StudyConfig, trial_id: str, config: TrainConfig, sampled: d
         # the cosine schedule), which must not overwrite the configured learning rate.
         **{k: v for k, v in final.items()
            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in TRAIN_FIELDS},
-        "nodes": len({n["NodeID"] for n in ray.nodes() if n["Alive"]}), "workers": study.workers_per_trial,
+        "nodes": len({n["NodeID"] for n in ray.nodes() if n["Alive"]}),
+        "node_id": ray.get_runtime_context().get_node_id(), "workers": study.workers_per_trial,
         "cpus_per_worker": cpus_per_worker, "gpus_per_worker": study.gpus_per_worker,
         "wall_time_s": time.time() - started,
         "started_at": started, "finished_at": time.time(),  # seconds since the epoch; stored as UTC timestamps
