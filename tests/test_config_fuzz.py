@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -190,9 +191,33 @@ def test_parse_space_raises_only_space_error_and_accepted_spaces_sample_valid_co
         assert REFUSAL.match(str(error)) or str(error).startswith("<dict>: "), f"unclear: {str(error)[:300]}"
         return
     base = TrainConfig().to_dict()
+    try:
+        space.check(base, world_size=2)  # what a study with 2 workers per trial checks before Ray starts
+        world_sizes = (1, 2)
+    except SpaceError:
+        world_sizes = (1,)
     for seed in range(20):
         sampled = space.sample(RandomSuggester(seed))
-        validate(TrainConfig(**(base | space.derive(sampled, base))))  # raises if the space lied
+        config = TrainConfig(**(base | space.derive(sampled, base)))  # raises if the space lied
+        for world_size in world_sizes:
+            validate(config, world_size=world_size)
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    # Accepted before although sampling could leave them: valid at both ends, invalid in between.
+    ({"epochs": {"choice": [1, 2.5, 3]}}, "parameter epochs must be an integer, got 2.5"),
+    ({"batch_size": {"int": [2, 256]}}, "parameter batch_size must be a choice"),
+    ({"method": {"choice": ["moco"]}, "queued_batches": {"int": [1, 16]}}, "parameter queued_batches must be a choice"),
+    # Values that made the loader itself crash (TypeError, OverflowError, ValueError while formatting).
+    ({"base_lr": {"choice": [10**400]}}, "parameter base_lr must be > 0 (and finite), got 1000000"),
+    ({"queued_batches": {"choice": [2**20000]}}, "parameter queued_batches must be a power of two in [1, 65536], "
+     "got <an integer of 20001 bits>"),
+    ({1: {"choice": [1]}, "x": {"choice": [1]}}, "parameter names must be strings, got 1"),
+    ({"temperature": {"uniform": [0.1, 10**400]}}, "parameter temperature: uniform needs [low, high]"),
+])
+def test_spaces_that_broke_the_loader_or_lied_are_refused(params: dict, message: str) -> None:
+    with pytest.raises(SpaceError, match=re.escape(message)):
+        parse_space({"name": "x", "params": params})
 
 
 @FUZZ
