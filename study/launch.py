@@ -368,4 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy: Tune pickles the searcher, its space and our callback with
+    # the study, and they must unpickle as study.launch.* in any process that resumes or inspects it.
+    from study.launch import main as launch_main
+
+    sys.exit(launch_main())

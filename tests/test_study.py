@@ -11,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import ray
 
 from study import analyze, results
 from study.config import StudyConfig
-from study.launch import main, prepare_study_dir, run_study
+from study.launch import StudySearch, main, prepare_study_dir, run_study
 
 HAS_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
 needs_data = pytest.mark.skipif(not HAS_FMNIST, reason="needs the Debian package dataset-fashion-mnist")
@@ -127,6 +128,11 @@ def test_killed_launcher_resumes_without_losing_or_repeating_trials(tmp_path: Pa
     assert finished_before <= set(trials["trial_id"])
     assert not epochs.duplicated(["trial_id", "seed", "epoch"]).any()
     assert "best trials" in resumed.stdout
+    searcher = StudySearch()  # the searcher's own record, as the resumed Tune run saved it
+    searcher.restore_from_dir(str(tmp_path / "killed" / "tune"))
+    told = searcher._ot_study.trials
+    assert len(told) == 3 and {t.state for t in told} == {optuna.trial.TrialState.COMPLETE}  # each result once
+    assert sorted(t.value for t in told) == pytest.approx(sorted(trials["objective"]))
 
 
 @needs_data
