@@ -265,6 +265,11 @@ def start_ray(study: StudyConfig, *, expose_dashboard: bool) -> None:
             raise ValueError(f"dashboard_host {study.dashboard_host!r} needs expose_dashboard=True")
         print(f"WARNING: the Ray dashboard listens on {study.dashboard_host}; anyone who reaches it can run code",
               file=sys.stderr)
+    # Token authentication: Ray 2.60 turns it on for a new local cluster (and makes ~/.ray/auth_token) unless
+    # RAY_AUTH_MODE says otherwise; the launcher refuses to start an unauthenticated cluster.
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        raise ValueError(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']!r}: the launcher starts local clusters only "
+                         "with Ray's token authentication (unset RAY_AUTH_MODE or set it to 'token')")
     # address="local": always a new cluster, never one that happens to run on this machine.
     context = ray.init(address="local", include_dashboard=True, dashboard_host=study.dashboard_host)
     print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
