@@ -1,0 +1,73 @@
+"""Does early stopping pay? The default study with ASHA and the same study without early stopping.
+
+Both studies are ``python -m study.launch``'s defaults (space ``contrastive``, 8 trials, 3 epochs on 4,096
+Fashion-MNIST images, TPE with seed 0), run one after the other through ``study.launch.run_study``; only
+``scheduler`` differs. TPE samples its first trials at random, so the studies start from the same configurations
+and diverge once their histories differ (ASHA tells Optuna about pruned trials).
+
+Reported for each: the best validation linear-probe accuracy (the objective), its test accuracy, compute
+(sum over trials of wall time x CPUs per worker, from the rows) and the study's wall time; and the ratios. The
+target (issue #7): ASHA within 1 point of the no-early-stopping study at no more than half its compute.
+
+The two study folders are kept (default ``studies/bench-asha-*``): analyse them with ``python -m study.analyze``.
+
+Run (about 25-30 minutes on 2 cores):
+
+    .venv/bin/python benchmarks/bench_asha.py
+    .venv/bin/python benchmarks/bench_asha.py --storage-path /tmp/asha --epochs 2     # a smaller variant
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import _common
+
+from study import results, storage
+from study.config import StudyConfig
+from study.launch import BASELINES_FILE, compute_baselines, run_study
+
+
+def summary(study_dir: str, wall: float) -> dict[str, float]:
+    trials, _ = results.load(study_dir)
+    completed = trials[trials["status"] == "completed"]
+    best = completed.loc[completed["objective"].idxmax()]
+    compute_h = float((trials["wall_time_s"] * trials["workers"] * trials["cpus_per_worker"]).sum()) / 3600
+    return {"best_val": float(best["linear_val_accuracy"]), "best_test": float(best["linear_test_accuracy"]),
+            "best_trial": best["trial_id"], "completed": len(completed), "trials": len(trials),
+            "compute_h": compute_h, "wall_min": wall / 60}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--storage-path", default="studies")
+    parser.add_argument("--epochs", type=int, default=StudyConfig().epochs)
+    parser.add_argument("--num-trials", type=int, default=StudyConfig().num_trials)
+    args = parser.parse_args()
+    base = StudyConfig(storage_path=args.storage_path, epochs=args.epochs, num_trials=args.num_trials)
+    start = time.perf_counter()
+    baselines = compute_baselines(StudyConfig.from_dict(base.to_dict() | {"name": "bench-asha-baselines"}))
+    baseline_s = time.perf_counter() - start
+    measured = {}
+    for scheduler in ("asha", "none"):
+        study = StudyConfig.from_dict(base.to_dict() | {"name": f"bench-asha-{scheduler}", "scheduler": scheduler})
+        storage.write_json(storage.join(study.study_dir, BASELINES_FILE), baselines)
+        start = time.perf_counter()
+        run_study(study)
+        measured[scheduler] = summary(study.study_dir, time.perf_counter() - start)
+    print(f"\n{_common.machine_note()}")
+    print(f"default study ({base.num_trials} trials, {base.epochs} epochs on {base.pretrain_subset} images, TPE seed "
+          f"{base.seed}); baselines computed once beforehand in {baseline_s:.0f} s and shared\n")
+    rows = [[name, f"{m['completed']}/{m['trials']}", m["best_trial"], f"{m['best_val']:.4f}", f"{m['best_test']:.4f}",
+             f"{m['compute_h']:.3f}", f"{m['wall_min']:.1f}"] for name, m in measured.items()]
+    print(_common.markdown_table(["scheduler", "completed", "best trial", "best val linear", "its test linear",
+                                  "compute (CPU-h)", "wall (min)"], rows))
+    asha, none = measured["asha"], measured["none"]
+    print(f"\nASHA - none, best validation accuracy: {(asha['best_val'] - none['best_val']) * 100:+.2f} points; "
+          f"ASHA compute / none compute: {asha['compute_h'] / none['compute_h']:.2f}; "
+          f"wall time ratio: {asha['wall_min'] / none['wall_min']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
