@@ -35,7 +35,7 @@ from study import analyze, results, storage
 from study.config import StudyConfig, differences, read_config_file
 from study.trial import WORST_OBJECTIVE, run_trial, train_configs, trial_row
 from trainers.config import TrainConfig, add_dataclass_arguments, dataclass_values
-from trainers.loop import Trainer
+from trainers.loop import CheckpointError, Trainer
 
 CONFIG_FILE = "study_config.json"
 BASELINES_FILE = "baselines.json"
@@ -366,7 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "machine; pass --expose-dashboard to confirm")
     try:
         run_study(study, resume=bool(args.resume), expose_dashboard=args.expose_dashboard)
-    except ValueError as error:
+    except (ValueError, results.ResultsError, storage.StorageError, CheckpointError) as error:
+        # Bad input, or a study file that cannot be read or written (the message names it; finished trials are
+        # safe in Parquet and --resume continues once the cause is fixed).
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
