@@ -74,6 +74,16 @@ def _integer_label(value: float, _position: float = 0.0) -> str:
     return f"{value:,.0f}" if value >= 1 else f"{value:g}"
 
 
+def _spaced(ticks: np.ndarray, min_log2_gap: float = 0.25) -> np.ndarray:
+    """Sorted positive ticks without neighbours closer than ``min_log2_gap`` octaves, whose labels would overlap
+    (SimCLR's 254 negatives next to MoCo's K = 256)."""
+    kept: list[float] = []
+    for tick in np.sort(ticks):
+        if not kept or np.log2(tick / kept[-1]) >= min_log2_gap:
+            kept.append(float(tick))
+    return np.asarray(kept)
+
+
 def set_param_axis(ax: plt.Axes, param: str, values: Sequence[float] | np.ndarray) -> None:
     """Scale, ticks and label of an x axis that shows ``param`` (values already passed through ``param_x``)."""
     present = np.unique(np.asarray(values, dtype=float)[np.isfinite(np.asarray(values, dtype=float))])
@@ -89,7 +99,7 @@ def set_param_axis(ax: plt.Axes, param: str, values: Sequence[float] | np.ndarra
     elif param in LOG2_PARAMS and len(present) and present.min() > 0:
         ax.set_xscale("log", base=2)
         if len(present) <= 8:  # the values themselves are the most readable ticks
-            ax.xaxis.set_major_locator(FixedLocator(present))
+            ax.xaxis.set_major_locator(FixedLocator(_spaced(present)))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(FuncFormatter(_integer_label))
         if len(present):
