@@ -272,7 +272,9 @@ def _octave_bins(present: pd.Series) -> pd.DataFrame:
     power = np.round(np.log2(values)).astype(int)
     powers = np.unique(power)
     exact = {k: bool(np.all(values[power == k] == 2.0**k)) for k in powers}
-    labels = [f"{2**k:,}" if exact[k] else f"≈{2**k:,}" for k in powers]
+    # 2.0**k, not 2**k: numpy refuses integer powers with a negative exponent (sizes below 1 in odd data).
+    names = {k: f"{2.0**k:,.0f}" if k >= 0 else f"{2.0**k:g}" for k in powers}
+    labels = [names[k] if exact[k] else f"≈{names[k]}" for k in powers]
     codes = np.searchsorted(powers, power)
     return pd.DataFrame({"bin": pd.Categorical.from_codes(codes, categories=labels, ordered=True),
                          "low": 2.0 ** (power - 0.5), "high": 2.0 ** (power + 0.5), "center": 2.0**power},

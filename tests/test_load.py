@@ -18,7 +18,7 @@ TRIALS = 200
 @pytest.mark.timeout(900)
 def test_a_200_trial_study_completes_with_every_row_and_bounded_memory(tmp_path: Path) -> None:
     flags = ["--name", "load", "--storage-path", str(tmp_path), "--trial-mode", "synthetic", "--space", "contrastive",
-             "--num-trials", str(TRIALS), "--epochs", "2", "--cpus-per-worker", "0.25"]
+             "--num-trials", str(TRIALS), "--epochs", "1", "--grace-epochs", "1", "--cpus-per-worker", "0.25"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.monotonic()
     launcher = subprocess.run([sys.executable, "-m", "study.launch", *flags], capture_output=True, text=True,
@@ -32,7 +32,7 @@ def test_a_200_trial_study_completes_with_every_row_and_bounded_memory(tmp_path:
     assert not epochs.duplicated(["trial_id", "seed", "epoch"]).any()
     assert set(epochs["trial_id"]) == set(trials["trial_id"])
     completed = trials[trials["status"] == "completed"]
-    assert len(completed) >= 20 and (epochs.groupby("trial_id").size() <= 2).all()
+    assert len(completed) >= 20 and (epochs.groupby("trial_id").size() == 1).all()
     # The launcher's memory stays bounded (rows are streamed to Parquet as trials end, not accumulated).
     assert before <= 2048 * 1024 and peak_mib < 2048, f"launcher peak RSS {peak_mib:.0f} MiB"
     print(f"\n{TRIALS} synthetic trials in {wall:.0f} s ({wall / TRIALS:.2f} s per trial, 8 at a time); "
