@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +11,7 @@ from typing import Any
 
 import pytest
 import ray
+from ray_cluster import two_nodes
 
 from trainers.config import TrainConfig
 from trainers.distributed import make_torch_trainer, run_worker
@@ -23,39 +21,11 @@ pytestmark = [
                        reason="needs the Debian package dataset-fashion-mnist (scripts/setup.sh installs it)"),
     pytest.mark.timeout(300),
 ]
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_node_cluster() -> Iterator[tuple[str, dict[str, str]]]:
-    """``ray start --head`` and a second ``ray start --address`` node, each with one CPU and a node resource.
-
-    Yields the head's address and the environment a driver needs (the cluster's token, the tests on the path).
-    """
-    port = _free_port()
-    env = os.environ | {
-        "RAY_AUTH_MODE": "token",  # token authentication on, with a token made for this cluster
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        "PYTHONPATH": str(Path(__file__).resolve().parent),  # workers import this module's loop by name
-    }
-    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-    head = [RAY, "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
-            "--resources", '{"node_a": 1}', *common]
-    second = [RAY, "start", "--address", f"127.0.0.1:{port}", "--resources", '{"node_b": 1}',
-              "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
-              *common]
-    try:
-        subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run(second, env=env, check=True, capture_output=True, timeout=120)
-        yield f"127.0.0.1:{port}", env
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    """The cluster of ``ray_cluster.two_nodes``; workers import this module's loop by name, so it is on their path."""
+    with two_nodes(extra_env={"PYTHONPATH": str(Path(__file__).resolve().parent)}) as cluster:
+        yield cluster
 
 
 def _node_logging_loop(loop_config: dict[str, Any]) -> None:

@@ -5,18 +5,15 @@ lost mid-trial, and storage that one node cannot see. The launcher runs as its o
 from __future__ import annotations
 
 import os
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from ray_cluster import two_nodes
 
 from study import results
 
@@ -25,39 +22,8 @@ pytestmark = [
                        reason="needs the Debian package dataset-fashion-mnist"),
     pytest.mark.timeout(600),
 ]
-RAY = str(Path(sys.executable).with_name("ray"))
 SMOKE = ["--space", "smoke", "--epochs", "3", "--pretrain-subset", "256", "--probe-train-subset", "300",
          "--val-size", "300", "--test-subset", "300", "--scheduler", "none", "--cpus-per-worker", "1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def two_nodes(blind_to: Path | None = None) -> Iterator[tuple[str, dict[str, str]]]:
-    """A head and a second node with one CPU each; with ``blind_to``, the second node runs in its own mount
-    namespace where an empty tmpfs hides that folder (as a node without the shared disk would be)."""
-    port = _free_port()
-    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-    head = [RAY, "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
-            "--resources", '{"node_a": 1}', *common]
-    second = [RAY, "start", "--address", f"127.0.0.1:{port}", "--resources", '{"node_b": 1}',
-              "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
-              *common]
-    if blind_to is not None:
-        blind_to.mkdir(parents=True, exist_ok=True)
-        shell = f"mount -t tmpfs none {blind_to} && exec {' '.join(a if a[0] != '{' else repr(a) for a in second)}"
-        second = ["unshare", "--mount", "sh", "-c", shell]
-    try:
-        subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run(second, env=env, check=True, capture_output=True, timeout=120)
-        yield f"127.0.0.1:{port}", env
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def _launch(env: dict[str, str], *flags: str) -> subprocess.CompletedProcess[str]:
