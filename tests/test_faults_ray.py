@@ -85,8 +85,16 @@ def _optuna_trials(study: StudyConfig) -> list[optuna.trial.FrozenTrial]:
     return searcher._ot_study.trials
 
 
-def _first_checkpoint(folder: Path, pattern: str) -> Callable[[], bool]:
-    return lambda: any(folder.glob(pattern))
+def _run_killing(tmp_path: Path, killers: list[Killer], name: str, mode: str, title: str,
+                 checkpoint_pattern: str) -> tuple[StudyConfig, pd.DataFrame, pd.DataFrame]:
+    """The one-trial study in ``mode``, SIGKILLing the process titled ``title`` once a checkpoint matching
+    ``checkpoint_pattern`` (inside the study folder) exists."""
+    killer = Killer(title, lambda: any((tmp_path / name).glob(checkpoint_pattern)))
+    killers.append(killer)
+    killer.start()
+    outcome = _run(tmp_path, name, trial_mode=mode)
+    assert killer.killed, f"no {title} process was killed"
+    return outcome
 
 
 def test_killed_trials_resume_and_equal_an_undisturbed_study(tmp_path: Path, killer_cleanup: list[Killer]) -> None:
@@ -95,12 +103,8 @@ def test_killed_trials_resume_and_equal_an_undisturbed_study(tmp_path: Path, kil
 
     # 1. The Tune trial process itself (an in-process trial) is SIGKILLed during epoch 2: Tune retries the trial,
     #    which resumes from its epoch-1 checkpoint.
-    trial_dir = tmp_path / "trial-killed" / "tune"
-    killer = Killer("ray::ImplicitFunc", _first_checkpoint(trial_dir, "run_trial_*/checkpoint_000000"))
-    killer_cleanup.append(killer)
-    killer.start()
-    study, trials, epochs = _run(tmp_path, "trial-killed", trial_mode="in_process")
-    assert killer.killed, "the trial process was never killed"
+    study, trials, epochs = _run_killing(tmp_path, killer_cleanup, "trial-killed", "in_process", "ray::ImplicitFunc",
+                                         "tune/run_trial_*/checkpoint_000000")
     _assert_same_outcome(trials, epochs, reference, reference_epochs)
     optuna_trials = _optuna_trials(study)
     assert len(optuna_trials) == 1  # one trial, not one per attempt
@@ -109,12 +113,8 @@ def test_killed_trials_resume_and_equal_an_undisturbed_study(tmp_path: Path, kil
 
     # 2. A Ray Train worker of a TorchTrainer trial is SIGKILLed after its first checkpoint: Train restarts the
     #    worker group from that checkpoint; the trial and its numbers are unchanged.
-    train_dir = tmp_path / "worker-killed" / "train"
-    killer = Killer("ray::RayTrainWorker", _first_checkpoint(train_dir, "*-seed0/checkpoint_*"))
-    killer_cleanup.append(killer)
-    killer.start()
-    study, trials, epochs = _run(tmp_path, "worker-killed", trial_mode="ray_train")
-    assert killer.killed, "the Train worker was never killed"
+    study, trials, epochs = _run_killing(tmp_path, killer_cleanup, "worker-killed", "ray_train",
+                                         "ray::RayTrainWorker", "train/*-seed0/checkpoint_*")
     _assert_same_outcome(trials, epochs, reference, reference_epochs)
     assert [t.state for t in _optuna_trials(study)] == [optuna.trial.TrialState.COMPLETE]
 
