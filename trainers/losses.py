@@ -6,8 +6,9 @@ Both losses are InfoNCE with cosine similarity scaled by an inverse temperature 
 
 where the sum runs over the positive and every negative. ``temperature`` (tau) and the inverse temperature
 (beta) are the same knob: a small tau (large beta) sharpens the softmax so the hardest negatives dominate.
-Everything is computed in float32 after L2 normalisation, via ``cross_entropy`` (a log-sum-exp), so tau = 0.01
-on bf16/fp16 embeddings neither overflows nor loses the positive logit to rounding.
+Everything is computed in float32 after L2 normalisation, as a log-sum-exp with per-row maxima, so tau = 0.01
+on bf16/fp16 embeddings neither overflows nor loses the positive logit to rounding. The arithmetic lives in
+:mod:`trainers.streamed_ce` (tiled, with a hand-written backward; about the cost of the matrix products).
 
 The losses never look at ``torch.distributed``: the caller gathers candidates with :func:`gather_with_grad`
 (SimCLR) or :func:`gather_no_grad` (MoCo keys) and passes them in, with the offset of its own rows.
@@ -20,19 +21,15 @@ import math
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
-import torch.nn.functional as F
 from torch import Tensor
+
+from trainers.streamed_ce import contrastive_cross_entropy
 
 
 def check_temperature(temperature: float) -> None:
     """Raise ``ValueError`` unless ``temperature`` is a finite positive number."""
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-
-
-def _normalized(x: Tensor) -> Tensor:
-    # At least float32 (bf16/fp16 in, fp32 math), float64 kept for gradcheck.
-    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
 
 
 def nt_xent(
@@ -73,19 +70,22 @@ def nt_xent(
     if not 0 <= offset <= big_n - n:
         raise ValueError(f"offset must lie in [0, {big_n - n}] for {n} local rows of {big_n}, got {offset}")
 
-    anchors = _normalized(torch.cat([z1, z2]))  # (2n, D)
-    keys = anchors if candidates is None else _normalized(torch.cat([c1, c2]))  # (2N, D)
-    # Scale the (2n, D) anchors rather than the (2n, 2N) logits: the same numbers, a full pass fewer.
-    logits = (anchors / temperature) @ keys.T  # (2n, 2N)
-
     local = torch.arange(n, device=z1.device) + offset
-    self_index = torch.cat([local, local + big_n])  # where each anchor sits among the candidates
-    positive_index = torch.cat([local + big_n, local])  # its other view
-    logits[torch.arange(2 * n, device=z1.device), self_index] = float("-inf")  # in place: matmul keeps no output
-    return F.cross_entropy(logits, positive_index)
+    positive_index = torch.cat([local + big_n, local])  # each anchor's other view among the candidates
+    # An anchor is not its own negative: row r < n sits at column r + offset, row n + i at column offset + N + i.
+    excluded = ((0, n, offset), (n, 2 * n, offset + big_n - n))
+    return contrastive_cross_entropy(
+        torch.cat([z1, z2]),
+        None if candidates is None else torch.cat([c1, c2]),
+        beta=1.0 / temperature,
+        positive_index=positive_index,
+        excluded=excluded,
+    )
 
 
-def info_nce(query: Tensor, positive_key: Tensor, negatives: Tensor, *, temperature: float) -> Tensor:
+def info_nce(
+    query: Tensor, positive_key: Tensor, negatives: Tensor, *, temperature: float, unit_negatives: bool = False
+) -> Tensor:
     """MoCo's InfoNCE: each query against its positive key and a shared set of negatives (the queue).
 
         logits_i = [q_i . k_i+, q_i . n_1, ..., q_i . n_K] / tau,   loss = mean_i CE(logits_i, 0)
@@ -97,6 +97,8 @@ def info_nce(query: Tensor, positive_key: Tensor, negatives: Tensor, *, temperat
         positive_key: ``(n, D)`` keys of the other view (momentum encoder; normally no gradient).
         negatives: ``(K, D)`` negatives shared by all queries (the queue; normally no gradient).
         temperature: tau > 0 (beta = 1 / tau).
+        unit_negatives: the negatives are L2-normalised already (MoCo's queue stores unit keys, as in MoCo's
+            code); skips re-normalising all K of them on every call. Leave False for arbitrary negatives.
 
     Returns:
         Scalar float32 loss.
@@ -113,13 +115,9 @@ def info_nce(query: Tensor, positive_key: Tensor, negatives: Tensor, *, temperat
         )
     if negatives.ndim != 2 or negatives.shape[1] != query.shape[1]:
         raise ValueError(f"negatives must have shape (K, {query.shape[1]}), got {tuple(negatives.shape)}")
-    q = _normalized(query) / temperature  # scaling the (n, D) queries, not the (n, K + 1) logits
-    k, neg = _normalized(positive_key), _normalized(negatives)
-    positive_logit = (q * k).sum(dim=1, keepdim=True)  # (n, 1)
-    negative_logits = q @ neg.T  # (n, K)
-    logits = torch.cat([positive_logit, negative_logits], dim=1)
-    target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits, target)
+    return contrastive_cross_entropy(
+        query, negatives, beta=1.0 / temperature, positive_keys=positive_key, unit_candidates=unit_negatives
+    )
 
 
 def world() -> tuple[int, int]:

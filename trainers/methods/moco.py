@@ -128,12 +128,12 @@ class MoCo(ContrastiveMethod):
         q1 = self.embed(view1)
         k2 = self.encode_keys(view2)
         negatives = self.queue.clone()  # this step's keys must never be this step's negatives
-        loss = info_nce(q1, k2, negatives, temperature=self.temperature)
+        loss = info_nce(q1, k2, negatives, temperature=self.temperature, unit_negatives=True)
         keys, key_images = [k2], [view2]
         if self.symmetric:
             q2 = self.embed(view2)
             k1 = self.encode_keys(view1)
-            loss = 0.5 * (loss + info_nce(q2, k1, negatives, temperature=self.temperature))
+            loss = 0.5 * (loss + info_nce(q2, k1, negatives, temperature=self.temperature, unit_negatives=True))
             keys.append(k1)
             key_images.append(view1)
         metrics = pair_diagnostics(q1, k2)

@@ -1,0 +1,167 @@
+"""The tiled contrastive cross-entropy against the textbook formula on materialised logits, written here.
+
+The reference is plain autograd: ``F.normalize``, one full logits matrix, excluded entries set to -inf, and
+``logsumexp - positive``. Tiles and column blocks are made tiny so that every edge case of the tiling (an excluded
+diagonal crossing tile and block borders, a last block one column wide, a row whose whole block is excluded) runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainers import streamed_ce
+from trainers.losses import info_nce, nt_xent
+from trainers.streamed_ce import contrastive_cross_entropy
+
+
+def reference(
+    queries: torch.Tensor,
+    candidates: torch.Tensor | None,
+    beta: float,
+    *,
+    positive_keys: torch.Tensor | None = None,
+    positive_index: torch.Tensor | None = None,
+    excluded: tuple[tuple[int, int, int], ...] = (),
+    normalize_candidates: bool = True,
+) -> torch.Tensor:
+    a = F.normalize(queries.double(), dim=1)
+    if candidates is None:
+        b = a
+    else:
+        b = F.normalize(candidates.double(), dim=1) if normalize_candidates else candidates.double()
+    logits = beta * a @ b.T
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    for start, stop, shift in excluded:
+        rows = torch.arange(start, stop)
+        mask[rows, rows + shift] = True
+    logits = logits.masked_fill(mask, float("-inf"))
+    if positive_keys is not None:
+        positive = beta * (a * F.normalize(positive_keys.double(), dim=1)).sum(1)
+        logits = torch.cat([positive[:, None], logits], dim=1)
+    else:
+        positive = logits.gather(1, positive_index[:, None]).squeeze(1)
+    return (torch.logsumexp(logits, dim=1) - positive).mean()
+
+
+@pytest.fixture
+def tiny_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streamed_ce, "TILE_BYTES", 3 * 5 * 4)  # 3 rows of a 5-column block per tile
+    monkeypatch.setattr(streamed_ce, "BLOCK_COLUMNS", 5)
+
+
+def _grads(loss: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, leaves))
+
+
+@pytest.mark.parametrize("n, offset, big_n", [(8, 0, 8), (4, 4, 8), (3, 2, 8)])
+def test_simclr_layout_with_candidates_matches_reference(tiny_tiles: None, n: int, offset: int, big_n: int) -> None:
+    """Local anchors against gathered candidates (the data-parallel layout), gradients to both."""
+    gen = torch.Generator().manual_seed(n + offset)
+    anchors = torch.randn(2 * n, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    candidates = torch.randn(2 * big_n, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    local = torch.arange(n) + offset
+    positive_index = torch.cat([local + big_n, local])
+    excluded = ((0, n, offset), (n, 2 * n, offset + big_n - n))  # 2 * big_n = 16 columns: blocks 5, 5, 5, 1
+    ours = contrastive_cross_entropy(anchors, candidates, beta=3.0, positive_index=positive_index,
+                                     excluded=excluded)
+    ref = reference(anchors, candidates, 3.0, positive_index=positive_index, excluded=excluded)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
+    for mine, theirs in zip(_grads(ours, [anchors, candidates]), _grads(ref, [anchors, candidates])):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_shared_candidates_is_nt_xent_and_gradchecks(tiny_tiles: None) -> None:
+    torch.manual_seed(0)
+    z1 = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    n = 7
+    ref = reference(torch.cat([z1, z2]), None, 1 / 0.3,
+                    positive_index=torch.cat([torch.arange(n, 2 * n), torch.arange(n)]),
+                    excluded=((0, 2 * n, 0),))
+    ours = nt_xent(z1, z2, temperature=0.3)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
+    for mine, theirs in zip(_grads(ours, [z1, z2]), _grads(ref, [z1, z2])):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: nt_xent(a, b, temperature=0.3), (z1, z2))
+
+
+@pytest.mark.parametrize("unit", [False, True])
+def test_moco_layout_every_input_with_gradient(tiny_tiles: None, unit: bool) -> None:
+    """Queries, positive keys and negatives all carrying gradients (MoCo's keys and queue normally do not)."""
+    torch.manual_seed(1)
+    q = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    raw = torch.randn(11, 4, dtype=torch.float64)
+    negatives = (F.normalize(raw, dim=1) if unit else raw).requires_grad_()
+    ours = info_nce(q, k, negatives, temperature=0.25, unit_negatives=unit)
+    ref = reference(q, negatives, 4.0, positive_keys=k, normalize_candidates=not unit)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
+    for mine, theirs in zip(_grads(ours, [q, k, negatives]), _grads(ref, [q, k, negatives])):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: info_nce(a, b, c, temperature=0.25, unit_negatives=unit), (q, k, negatives))
+
+
+def test_unit_negatives_changes_nothing_for_unit_vectors() -> None:
+    torch.manual_seed(2)
+    q, k = torch.randn(6, 16), torch.randn(6, 16)
+    queue = F.normalize(torch.randn(300, 16), dim=1)
+    assert info_nce(q, k, queue, temperature=0.1, unit_negatives=True).item() == pytest.approx(
+        info_nce(q, k, queue, temperature=0.1).item(), rel=1e-6)
+
+
+def test_without_gradient_nothing_is_stored_and_the_value_is_the_same(tiny_tiles: None) -> None:
+    torch.manual_seed(3)
+    z1, z2 = torch.randn(9, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    with_grad = nt_xent(z1, z2, temperature=0.2)
+    with torch.no_grad():
+        without = nt_xent(z1, z2, temperature=0.2)
+    assert without.item() == with_grad.item()
+    assert without.grad_fn is None and with_grad.grad_fn is not None
+
+
+def test_fully_excluded_block_row_is_not_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One-column blocks: the self-similarity is a whole block row for each anchor; it must weigh exactly 0."""
+    monkeypatch.setattr(streamed_ce, "BLOCK_COLUMNS", 1)
+    torch.manual_seed(4)
+    z1 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    ours = nt_xent(z1, z2, temperature=0.5)
+    ref = reference(torch.cat([z1, z2]), None, 2.0, positive_index=torch.tensor([3, 4, 5, 0, 1, 2]),
+                    excluded=((0, 6, 0),))
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
+    for mine, theirs in zip(_grads(ours, [z1, z2]), _grads(ref, [z1, z2])):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [0.005, 0.01, 100.0])
+def test_extreme_temperatures_in_float32_match_float64(tiny_tiles: None, temperature: float) -> None:
+    """Per-(row, block) maxima: far-apart logits neither overflow nor vanish; float32 equals float64 to 1e-5."""
+    torch.manual_seed(5)
+    z1, z2 = torch.randn(10, 8), torch.randn(10, 8)
+    z2[:5] = -z1[:5]  # positives opposite their anchors: the positive logit is 2/tau below the largest one
+    ours = nt_xent(z1, z2, temperature=temperature)
+    ref = nt_xent(z1.double(), z2.double(), temperature=temperature)
+    assert torch.isfinite(ours) and ours.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_zero_vector_gradient_follows_f_normalize() -> None:
+    """A zero embedding hits F.normalize's eps clamp; the hand-written backward takes the same branch."""
+    q = torch.randn(4, 3, dtype=torch.float64)
+    q[1] = 0.0
+    q.requires_grad_()
+    k = torch.randn(4, 3, dtype=torch.float64)
+    negatives = torch.randn(6, 3, dtype=torch.float64)
+    ours = info_nce(q, k, negatives, temperature=0.5)
+    ref = reference(q, negatives, 2.0, positive_keys=k)
+    torch.testing.assert_close(_grads(ours, [q])[0], _grads(ref, [q])[0], rtol=1e-10, atol=1e-12)
+
+
+def test_exactly_one_kind_of_positive() -> None:
+    q = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="exactly one"):
+        contrastive_cross_entropy(q, q, beta=1.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        contrastive_cross_entropy(q, q, beta=1.0, positive_keys=q, positive_index=torch.tensor([0, 1]))

@@ -1,0 +1,215 @@
+"""The contrastive cross-entropy of both losses, computed tile by tile with a hand-written backward.
+
+For unit vectors ``a_r = q_r / |q_r|`` (queries) and ``b_c = y_c / |y_c|`` (candidates) and an inverse temperature
+``beta``, the logits are ``S_rc = beta * a_r . b_c`` and
+
+    loss = mean_r [ log( sum_{c not excluded for r} exp(S_rc) [+ exp(S_r+)] ) - S_r+ ]
+
+where the positive logit ``S_r+`` is either one of the candidates (SimCLR: ``positive_index``) or an extra key per
+row (MoCo: ``positive_keys``). This is what ``F.cross_entropy`` on the full logits computes; doing it by hand
+makes it cost little more than the matrix products it needs (benchmarks/bench_loss.py measures both):
+
+* Forward: the logits are produced in tiles small enough to stay in a core's cache, and each tile is turned into
+  ``exp(S - m)`` in place with its own row maxima ``m``, right after its matrix product. The logits are written
+  to memory once, already exponentiated; no separate softmax, mask or log-probability matrix is made.
+* The stored tiles are the softmax up to one scale per (row, column block), so the backward is two matrix
+  products with them (``dA = P @ B``, ``dB = P^T @ A``), rows scaled on the small (n, D) side. The "minus one at
+  the positive" of the cross-entropy gradient is a gather on that side too, and so is the L2 normalisation.
+* Without a gradient nothing is stored: one scratch tile is reused.
+
+Peak memory is one float32 logits matrix (the stored tiles) plus (n, D)-sized vectors, against about three for
+``cross_entropy`` on materialised logits. Every sum is in float32 (or float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx
+
+# One tile of logits (rows x block columns) stays in a core's L2 while it is exponentiated and summed.
+TILE_BYTES = 1 << 19
+# Columns per stored block: wide enough that the backward's matrix products run at full speed, narrow enough that
+# one block of a large batch is a few MiB.
+BLOCK_COLUMNS = 1024
+NORM_EPS = 1e-12  # as F.normalize
+
+ExcludedRuns = tuple[tuple[int, int, int], ...]  # (row_start, row_stop, column - row): one excluded logit per row
+
+
+def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x / max(|x|, eps), 1 / max(|x|, eps))`` row-wise, like ``F.normalize``."""
+    inv_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(NORM_EPS).reciprocal_()
+    return x * inv_norm, inv_norm
+
+
+def _unit_backward(unit: Tensor, inv_norm: Tensor, grad: Tensor) -> Tensor:
+    """Gradient through ``x / max(|x|, eps)``: ``(g - u (u . g)) / |x|`` (no projection where the clamp was active)."""
+    along = (unit * grad).sum(dim=1, keepdim=True).masked_fill_(inv_norm >= 1 / NORM_EPS, 0.0)
+    return (grad - unit * along).mul_(inv_norm)
+
+
+def _mask_runs(tile: Tensor, rows: tuple[int, int], columns: tuple[int, int], excluded: ExcludedRuns) -> None:
+    """Set the excluded logits inside a tile to the lowest finite value (exp gives 0, and a row made only of
+    excluded logits still has a finite maximum, so nothing becomes NaN)."""
+    (r0, r1), (c0, c1) = rows, columns
+    for start, stop, shift in excluded:
+        low, high = max(r0, start, c0 - shift), min(r1, stop, c1 - shift)
+        if low < high:
+            torch.diagonal(tile[low - r0 : high - r0, low + shift - c0 :]).fill_(torch.finfo(tile.dtype).min)
+
+
+def _exp_logits(
+    rows: Tensor, columns: Tensor, columns_inv_norm: Tensor | None, excluded: ExcludedRuns, keep: bool
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Tile-wise ``E = exp(rows @ unit(columns).T - m)`` with ``m`` the maximum of each row within each column block.
+
+    ``columns`` are normalised one block at a time, while the block is in cache, and their inverse norms written
+    to ``columns_inv_norm`` (``None``: the columns are unit vectors already). Returns the column blocks of ``E``
+    (``(R, width)`` each; none when ``keep`` is false), and the per-block row maxima and row sums, ``(blocks, R)``.
+    """
+    num_rows, num_columns = rows.shape[0], columns.shape[0]
+    width = min(num_columns, BLOCK_COLUMNS)
+    starts = range(0, num_columns, width)
+    tile_rows = max(1, TILE_BYTES // (width * rows.element_size()))
+    maxima = rows.new_empty(len(starts), num_rows)
+    sums = rows.new_empty(len(starts), num_rows)
+    blocks: list[Tensor] = []
+    scratch = None if keep else rows.new_empty(min(tile_rows, num_rows) * width)
+    for j, c0 in enumerate(starts):
+        c1 = min(c0 + width, num_columns)
+        block_columns = columns[c0:c1]
+        if columns_inv_norm is not None:
+            block_columns, columns_inv_norm[c0:c1] = _unit(block_columns)
+        block = rows.new_empty(num_rows, c1 - c0) if keep else None
+        for r0 in range(0, num_rows, tile_rows):
+            r1 = min(r0 + tile_rows, num_rows)
+            tile = block[r0:r1] if block is not None else scratch[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            torch.mm(rows[r0:r1], block_columns.T, out=tile)
+            _mask_runs(tile, (r0, r1), (c0, c1), excluded)
+            row_max = torch.amax(tile, dim=1, keepdim=True)
+            tile.sub_(row_max).exp_()
+            maxima[j, r0:r1] = row_max.squeeze(1)
+            torch.sum(tile, dim=1, out=sums[j, r0:r1])
+        if block is not None:
+            blocks.append(block)
+    return blocks, maxima, sums
+
+
+class _ContrastiveCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        queries: Tensor,
+        candidates: Tensor | None,
+        positive_keys: Tensor | None,
+        positive_index: Tensor | None,
+        beta: float,
+        excluded: ExcludedRuns,
+        unit_candidates: bool,
+    ) -> Tensor:
+        dtype = torch.promote_types(queries.dtype, torch.float32)
+        a, a_inv = _unit(queries.to(dtype))
+        scaled = a * beta  # scaling the (R, D) side, not the (R, C) logits
+        if candidates is None:
+            columns, columns_inv = a, None
+        else:  # the candidates may be a long queue: normalised block by block inside _exp_logits
+            columns = candidates.to(dtype)
+            columns_inv = None if unit_candidates else columns.new_empty(columns.shape[0], 1)
+        keep = any(ctx.needs_input_grad)
+        blocks, maxima, sums = _exp_logits(scaled, columns, columns_inv, excluded, keep)
+        if positive_keys is not None:
+            k, k_inv = _unit(positive_keys.to(dtype))
+        else:
+            k = k_inv = None
+            unit_columns = columns if columns_inv is None else columns * columns_inv
+            k = unit_columns.index_select(0, positive_index)
+        positive = (scaled * k).sum(dim=1)
+        log_terms = maxima + sums.log()  # (blocks, R): log of each block's share of the partition sum
+        if positive_keys is not None:
+            log_terms = torch.cat([log_terms, positive[None]])
+        log_partition = torch.logsumexp(log_terms, dim=0)
+        loss = (log_partition - positive).mean()
+        if keep:
+            ctx.save_for_backward(a, a_inv, columns, columns_inv, k, k_inv, positive_index, positive, maxima,
+                                  log_partition, *blocks)
+            ctx.beta = beta
+            ctx.shared = candidates is None
+            ctx.dtypes = (queries.dtype, None if candidates is None else candidates.dtype,
+                          None if positive_keys is None else positive_keys.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        a, a_inv, columns, columns_inv, k, k_inv, positive_index, positive, maxima, log_partition, *blocks = (
+            ctx.saved_tensors
+        )
+        need_queries, need_candidates, need_keys = ctx.needs_input_grad[:3]
+        shared = ctx.shared  # SimCLR on one process: the candidates are the queries
+        scale = float(grad_loss) / a.shape[0]
+        scaled = a * ctx.beta
+        # P = E * exp(m - log Z) per (row, block): the softmax, with the loss gradient's 1/R folded in.
+        weights = (maxima - log_partition).exp_().mul_(scale)  # (blocks, R)
+        need_b = need_candidates or shared
+        unit_columns = columns if columns_inv is None else (columns * columns_inv if need_b else None)
+        grad_scaled = torch.zeros_like(a)
+        grad_b = torch.zeros_like(columns) if need_b else None
+        start = 0
+        for block, weight in zip(blocks, weights):
+            stop = start + block.shape[1]
+            block_columns = unit_columns[start:stop] if unit_columns is not None else (
+                columns[start:stop] * columns_inv[start:stop])
+            grad_scaled.addcmul_(block @ block_columns, weight[:, None])
+            if grad_b is not None:
+                torch.mm(block.T, scaled * weight[:, None], out=grad_b[start:stop])
+            start = stop
+        grad_k = None
+        if positive_index is None:  # MoCo's extra positive column: its softmax weight minus one
+            coefficient = (positive - log_partition).exp_().sub_(1).mul_(scale)[:, None]
+            grad_scaled.addcmul_(k, coefficient)
+            if need_keys:
+                grad_k = _unit_backward(k, k_inv, scaled * coefficient).to(ctx.dtypes[2])
+        else:  # minus one at the positive candidate, for the row and for the column
+            grad_scaled.sub_(k, alpha=scale)
+            if grad_b is not None:
+                grad_b.index_add_(0, positive_index, scaled, alpha=-scale)
+        grad_a = grad_scaled.mul_(ctx.beta)
+        if shared:
+            grad_a += grad_b
+        grad_queries = _unit_backward(a, a_inv, grad_a).to(ctx.dtypes[0]) if need_queries else None
+        grad_candidates = None
+        if need_candidates and not shared:
+            grad_candidates = grad_b if columns_inv is None else _unit_backward(unit_columns, columns_inv, grad_b)
+            grad_candidates = grad_candidates.to(ctx.dtypes[1])
+        return grad_queries, grad_candidates, grad_k, None, None, None, None
+
+
+def contrastive_cross_entropy(
+    queries: Tensor,
+    candidates: Tensor | None,
+    *,
+    beta: float,
+    positive_keys: Tensor | None = None,
+    positive_index: Tensor | None = None,
+    excluded: ExcludedRuns = (),
+    unit_candidates: bool = False,
+) -> Tensor:
+    """Mean InfoNCE of ``queries`` (R, D) against ``candidates`` (C, D) at inverse temperature ``beta``.
+
+    Every vector is L2-normalised first. ``candidates=None`` means the queries themselves (SimCLR on one process).
+    Each row's positive is either ``positive_keys[r]`` (R, D), an extra logit (MoCo), or the candidate
+    ``positive_index[r]`` (SimCLR); give exactly one. ``excluded`` lists runs of rows whose logit at column
+    ``row + shift`` leaves the sum (an anchor is not its own negative). ``unit_candidates=True`` promises that the
+    candidates are unit vectors already (MoCo's queue) and skips normalising them. Returns a float32 (float64) scalar.
+
+    Example:
+        >>> q = torch.randn(4, 8)
+        >>> loss = contrastive_cross_entropy(q, None, beta=5.0, positive_index=torch.tensor([2, 3, 0, 1]),
+        ...                                  excluded=((0, 4, 0),))
+    """
+    if (positive_keys is None) == (positive_index is None):
+        raise ValueError("give exactly one of positive_keys and positive_index")
+    return _ContrastiveCrossEntropy.apply(queries, candidates, positive_keys, positive_index, beta, excluded,
+                                           unit_candidates)
