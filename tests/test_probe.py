@@ -210,6 +210,22 @@ def test_validation_ties_go_to_the_largest_weight_decay() -> None:
     assert result.weight_decay == 1e-3
 
 
+def test_weight_decay_path_stops_after_patience_declines_with_the_same_choice() -> None:
+    """Few noisy training points: weak penalties overfit, so validation accuracy falls along the path."""
+    centers = torch.randn(4, 60, generator=torch.Generator().manual_seed(0))
+    train, val = _blobs(120, centers, 6.0, 1), _blobs(1000, centers, 6.0, 2)
+    decays = (1.0, 0.1, 1e-2, 1e-3, 1e-4, 1e-5, 0.0)
+    full = linear_probe(train, val, num_classes=4, weight_decays=decays, path_patience=None)
+    assert full.weight_decays_fitted == decays  # strongest first, every one
+    stopped = linear_probe(train, val, num_classes=4, weight_decays=decays, path_patience=2)
+    # The best (0.1) is followed by two worse ones, then the path stops: same choice, same accuracies.
+    assert full.weight_decay == stopped.weight_decay == 0.1
+    assert stopped.weight_decays_fitted == decays[:4]
+    assert (stopped.val_accuracy, stopped.train_accuracy) == (full.val_accuracy, full.train_accuracy)
+    assert linear_probe(train, val, num_classes=4, weight_decays=decays, path_patience=1).weight_decays_fitted == (
+        decays[:3])
+
+
 def test_linear_probe_without_test_reports_none() -> None:
     train, val, _ = _blob_splits(noise=0.5)
     result = linear_probe(train, val, num_classes=10, weight_decays=(1e-3,))
@@ -400,6 +416,7 @@ def _feats(n: int = 6, d: int = 3, num_classes: int = 3) -> Features:
         (lambda: linear_probe(_feats(), _feats(), num_classes=3, weight_decays=()), r"`weight_decays`.*\(\)"),
         (lambda: linear_probe(_feats(), _feats(), num_classes=3, weight_decays=(-1e-3,)), r"got -0\.001"),
         (lambda: linear_probe(_feats(), _feats(), num_classes=3, max_iter=0), r"`max_iter`.*got 0"),
+        (lambda: linear_probe(_feats(), _feats(), num_classes=3, path_patience=0), r"`path_patience`.*got 0"),
         (
             lambda: linear_probe(Features(torch.full((3, 2), math.nan), torch.zeros(3, dtype=torch.long)),
                                  _feats(d=2), num_classes=3),

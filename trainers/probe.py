@@ -87,6 +87,7 @@ class LinearProbeResult:
     test_accuracy: float | None
     weight_decay: float
     train_accuracy: float
+    weight_decays_fitted: tuple[float, ...] = ()  # in the order fitted (strongest first); see path_patience
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,24 +182,30 @@ def _accuracy(logits: Tensor, y: Tensor) -> float:
 
 
 def _penalised_cross_entropy(
-    z: Tensor, y: Tensor, weight: Tensor, bias: Tensor, weight_decay: float
+    z: Tensor, z_t: Tensor, y: Tensor, weight_t: Tensor, bias: Tensor, weight_decay: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Loss and analytic gradients of ``mean_i CE(z_i W + b, y_i) + λ/2 ||W||²``.
+    """Loss and analytic gradients of ``mean_i CE(W z_i + b, y_i) + λ/2 ||W||²``, class-major.
 
-    With ``P = softmax(z W + b)`` (N, C) and ``G = P - onehot(y)``: ``∂L/∂W = zᵀ G / N + λ W`` (D, C),
-    ``∂L/∂b = Σ_i G_i / N`` (C,). Written by hand instead of autograd: one pass, no graph, and
-    probabilities <= 1e-30 are set to exactly 0 before the matmul. Once the data is nearly separable
-    most of P is tiny, and products of tiny P with features are subnormal floats, which make CPU
-    matmuls tens of times slower; the gradient error this adds is < 1e-30 · max|z| per entry.
+    ``W`` is kept as ``weight_t`` (C, D) and the logits as ``Lᵀ = W zᵀ + b`` (C, N): with few classes, the
+    softmax over the class axis then runs over contiguous rows of N values instead of N rows of C values (about
+    20x faster on CPU for C = 10), and both matrix products have the long N axis contiguous. ``z`` (N, D) and its
+    contiguous transpose ``z_t`` (D, N) are both kept, one for each product. With ``P = softmax(Lᵀ)`` and
+    ``G = P - onehot(y)`` (C, N): ``∂L/∂W = G z / N + λ W`` (C, D), ``∂L/∂b = Σ_i G_i / N`` (C,).
+
+    Written by hand instead of autograd: one pass, no graph, and probabilities <= 1e-30 are set to exactly 0
+    before the matmul. Once the data is nearly separable most of P is tiny, and products of tiny P with features
+    are subnormal floats, which make CPU matmuls tens of times slower; the gradient error this adds is
+    < 1e-30 · max|z| per entry.
     """
-    logp = torch.addmm(bias, z, weight).log_softmax(dim=1)
-    targets = y.unsqueeze(1)
-    loss = -logp.gather(1, targets).mean() + 0.5 * weight_decay * weight.square().sum()
+    logits_t = torch.mm(weight_t, z_t).add_(bias[:, None])
+    logp = logits_t.log_softmax(dim=0)
+    targets = y.unsqueeze(0)
+    loss = -logp.gather(0, targets).mean() + 0.5 * weight_decay * weight_t.square().sum()
     grad_logits = F.threshold(logp.exp_(), _PROB_FLUSH, 0.0)  # P, with P <= 1e-30 set to exactly 0
-    grad_logits.scatter_add_(1, targets, torch.full_like(targets, -1, dtype=grad_logits.dtype))
+    grad_logits.scatter_add_(0, targets, torch.full_like(targets, -1, dtype=grad_logits.dtype))
     inv_n = 1.0 / z.shape[0]  # applied after the matmul: P / N itself would be subnormal again
-    grad_weight = torch.addmm(weight, z.T, grad_logits, beta=weight_decay, alpha=inv_n)
-    return loss, grad_weight, grad_logits.sum(dim=0).mul_(inv_n)
+    grad_weight = torch.addmm(weight_t, grad_logits, z, beta=weight_decay, alpha=inv_n)
+    return loss, grad_weight, grad_logits.sum(dim=1).mul_(inv_n)
 
 
 def linear_probe(
@@ -209,6 +216,7 @@ def linear_probe(
     num_classes: int,
     weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS,
     max_iter: int = 200,
+    path_patience: int | None = 2,
     device: str | torch.device = "cpu",
 ) -> LinearProbeResult:
     """Multinomial logistic regression on frozen features; weight decay chosen on VALIDATION accuracy.
@@ -216,16 +224,23 @@ def linear_probe(
     Features are standardised with train statistics only: ``z = (x - mean_train) / max(std_train, eps)``
     (val/test never leak into the statistics). For each weight decay ``λ`` the full-batch objective
 
-        L(W, b) = mean_i CE(z_i W + b, y_i) + λ/2 · ||W||²      (W: (D, C), b: (C,) unpenalised)
+        L(W, b) = mean_i CE(W z_i + b, y_i) + λ/2 · ||W||²      (W: (C, D), b: (C,) unpenalised)
 
     is minimised with L-BFGS (strong-Wolfe line search, at most ``max_iter`` iterations) in float32.
     This equals scikit-learn's ``LogisticRegression(C=1 / (λ N))``. The λ path is walked from the
     strongest to the weakest penalty, warm-starting each fit from the previous solution (cheaper, and
     the order is fixed whatever order ``weight_decays`` comes in). The λ with the best validation
     accuracy wins (ties go to the larger λ, the simpler model); only its test accuracy is reported.
+
+    Early-stopped path: once ``path_patience`` consecutive weight decays have scored strictly below the best
+    validation accuracy so far, the weaker ones are not fitted (validation accuracy along a path of weakening
+    penalties rises to a peak and then falls as the probe overfits; ``None`` fits every λ). The fitted λ are
+    listed in the result.
     """
     _check_int("num_classes", num_classes, 2)
     _check_int("max_iter", max_iter, 1)
+    if path_patience is not None:
+        _check_int("path_patience", path_patience, 1)
     _check_features("train", train, num_classes)
     _check_features("val", val, num_classes, dim=train.dim)
     if test is not None:
@@ -246,35 +261,43 @@ def linear_probe(
         return (feats.x.to(dev, _PROBE_DTYPE) - mean) / std, feats.y.to(dev, torch.long)
 
     z_train, y_train = standardise(train)
+    z_train_t = z_train.T.contiguous()
     z_val, y_val = standardise(val)
-    weight = torch.zeros(train.dim, num_classes, device=dev, dtype=_PROBE_DTYPE)
+    weight_t = torch.zeros(num_classes, train.dim, device=dev, dtype=_PROBE_DTYPE)
     bias = torch.zeros(num_classes, device=dev, dtype=_PROBE_DTYPE)
 
-    best: tuple[float, float, Tensor, Tensor] | None = None  # (val_acc, wd, W, b)
+    best: tuple[float, float, Tensor, Tensor] | None = None  # (val_acc, wd, Wᵀ, b)
+    fitted: list[float] = []
+    worse_in_a_row = 0
     for wd in sorted(set(decays), reverse=True):
         optimizer = torch.optim.LBFGS(
-            [weight, bias], lr=1.0, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe"
+            [weight_t, bias], lr=1.0, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe"
         )
 
         def closure(wd: float = wd) -> Tensor:
-            loss, weight.grad, bias.grad = _penalised_cross_entropy(z_train, y_train, weight, bias, wd)
+            loss, weight_t.grad, bias.grad = _penalised_cross_entropy(z_train, z_train_t, y_train, weight_t, bias, wd)
             return loss
 
         optimizer.step(closure)
+        fitted.append(wd)
         with torch.no_grad():
-            val_acc = _accuracy(z_val @ weight + bias, y_val)
+            val_acc = _accuracy(z_val @ weight_t.T + bias, y_val)
             if best is None or val_acc > best[0]:  # strict: ties keep the larger (earlier) wd
-                best = (val_acc, wd, weight.detach().clone(), bias.detach().clone())
+                best = (val_acc, wd, weight_t.detach().clone(), bias.detach().clone())
+            worse_in_a_row = worse_in_a_row + 1 if val_acc < best[0] else 0
+        if path_patience is not None and worse_in_a_row >= path_patience:
+            break
     assert best is not None  # decays is non-empty
     val_acc, chosen_wd, w_best, b_best = best
     with torch.no_grad():
-        train_acc = _accuracy(z_train @ w_best + b_best, y_train)
+        train_acc = _accuracy(z_train @ w_best.T + b_best, y_train)
         test_acc = None
         if test is not None:
             z_test, y_test = standardise(test)
-            test_acc = _accuracy(z_test @ w_best + b_best, y_test)
+            test_acc = _accuracy(z_test @ w_best.T + b_best, y_test)
     return LinearProbeResult(
-        val_accuracy=val_acc, test_accuracy=test_acc, weight_decay=chosen_wd, train_accuracy=train_acc
+        val_accuracy=val_acc, test_accuracy=test_acc, weight_decay=chosen_wd, train_accuracy=train_acc,
+        weight_decays_fitted=tuple(fitted),
     )
 
 
