@@ -10,7 +10,8 @@ What is measured, per call (median over interleaved rounds, in milliseconds):
   - ``floor``: the bare matrix products the loss cannot avoid, into preallocated outputs: forward
     (2N x D) @ (D x 2N), backward G @ A and G^T @ A (the gradient of A A^T with respect to both operands).
 * ``info_nce`` (MoCo) with N = 256 queries (with gradient), N positive keys and K in {4096, 65536} queue
-  negatives (no gradient, already unit-norm, as in MoCo's queue), against
+  negatives (no gradient, already unit-norm, as in MoCo's queue; ours is called as ``MoCo.forward`` calls it,
+  with ``unit_negatives=True``), against
   - ``reference``: MoCo's own code: normalise q and k, ``einsum`` logits (positive first), ``cross_entropy``;
     the queue is used as stored (it holds normalised keys);
   - ``lightly``: ``NTXentLoss(temperature, memory_bank_size=(K, D))`` with its bank set to the same queue. It
@@ -160,7 +161,8 @@ def info_nce_case(n: int, k: int, dim: int, temperature: float, *, use_lightly: 
     queue = F.normalize(torch.randn(k, dim, generator=gen), dim=1)
     leaves = [query]
     losses: dict[str, Callable[[], Tensor]] = {
-        "ours": lambda: info_nce(query, key, queue, temperature=temperature),
+        # As MoCo calls it: the queue holds unit keys, so ours skips re-normalising them (as the reference does).
+        "ours": lambda: info_nce(query, key, queue, temperature=temperature, unit_negatives=True),
         "reference": lambda: reference_info_nce(query, key, queue, temperature),
     }
     if use_lightly:

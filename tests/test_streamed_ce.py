@@ -7,6 +7,8 @@ diagonal crossing tile and block borders, a last block one column wide, a row wh
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,7 +138,7 @@ def test_fully_excluded_block_row_is_not_nan(monkeypatch: pytest.MonkeyPatch) ->
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("temperature", [0.005, 0.01, 100.0])
+@pytest.mark.parametrize("temperature", [0.005, 0.01, 0.024, 0.026, 100.0])
 def test_extreme_temperatures_in_float32_match_float64(tiny_tiles: None, temperature: float) -> None:
     """Per-(row, block) maxima: far-apart logits neither overflow nor vanish; float32 equals float64 to 1e-5."""
     torch.manual_seed(5)
@@ -145,6 +147,17 @@ def test_extreme_temperatures_in_float32_match_float64(tiny_tiles: None, tempera
     ours = nt_xent(z1, z2, temperature=temperature)
     ref = nt_xent(z1.double(), z2.double(), temperature=temperature)
     assert torch.isfinite(ours) and ours.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("beta", [39.0, 40.0, 41.0, 200.0])
+def test_every_logit_at_its_lowest_is_exact(beta: float) -> None:
+    """All logits -beta (positive and negatives opposite the query): the loss is log(K + 1) exactly, on both
+    sides of the switch from the fixed shift (beta <= 40) to per-tile maxima."""
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    opposite = -q
+    negatives = opposite.repeat(50, 1)
+    loss = info_nce(q, opposite, negatives, temperature=1 / beta)
+    assert loss.item() == pytest.approx(math.log(51), rel=1e-5)
 
 
 def test_zero_vector_gradient_follows_f_normalize() -> None:

@@ -36,6 +36,9 @@ TILE_BYTES = 1 << 19
 BLOCK_COLUMNS = 1024
 NORM_EPS = 1e-12  # as F.normalize
 
+_LOWEST = {dtype: torch.finfo(dtype).min for dtype in (torch.float32, torch.float64)}
+# Largest beta for which exp(-2 beta) stays a normal float: a fixed shift of beta then loses no precision.
+_SAFE_SHIFT = {torch.float32: 40.0, torch.float64: 300.0}
 ExcludedRuns = tuple[tuple[int, int, int], ...]  # (row_start, row_stop, column - row): one excluded logit per row
 
 
@@ -48,7 +51,7 @@ def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
 def _unit_backward(unit: Tensor, inv_norm: Tensor, grad: Tensor) -> Tensor:
     """Gradient through ``x / max(|x|, eps)``: ``(g - u (u . g)) / |x|`` (no projection where the clamp was active)."""
     along = (unit * grad).sum(dim=1, keepdim=True).masked_fill_(inv_norm >= 1 / NORM_EPS, 0.0)
-    return (grad - unit * along).mul_(inv_norm)
+    return torch.addcmul(grad, unit, along, value=-1.0).mul_(inv_norm)
 
 
 def _mask_runs(tile: Tensor, rows: tuple[int, int], columns: tuple[int, int], excluded: ExcludedRuns) -> None:
@@ -58,23 +61,28 @@ def _mask_runs(tile: Tensor, rows: tuple[int, int], columns: tuple[int, int], ex
     for start, stop, shift in excluded:
         low, high = max(r0, start, c0 - shift), min(r1, stop, c1 - shift)
         if low < high:
-            torch.diagonal(tile[low - r0 : high - r0, low + shift - c0 :]).fill_(torch.finfo(tile.dtype).min)
+            torch.diagonal(tile[low - r0 : high - r0, low + shift - c0 :]).fill_(_LOWEST[tile.dtype])
 
 
 def _exp_logits(
-    rows: Tensor, columns: Tensor, columns_inv_norm: Tensor | None, excluded: ExcludedRuns, keep: bool
+    rows: Tensor, columns: Tensor, columns_inv_norm: Tensor | None, excluded: ExcludedRuns, keep: bool, beta: float
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """Tile-wise ``E = exp(rows @ unit(columns).T - m)`` with ``m`` the maximum of each row within each column block.
 
     ``columns`` are normalised one block at a time, while the block is in cache, and their inverse norms written
     to ``columns_inv_norm`` (``None``: the columns are unit vectors already). Returns the column blocks of ``E``
     (``(R, width)`` each; none when ``keep`` is false), and the per-block row maxima and row sums, ``(blocks, R)``.
+
+    Unit vectors bound every logit by ``beta``. While ``exp(-2 beta)`` is still a normal float (beta <= 40 in
+    float32, tau >= 0.025), ``m = beta`` is as good as the true maximum (every term keeps full relative
+    precision, none overflows) and saves a pass over each tile; beyond that the true tile maxima are used.
     """
     num_rows, num_columns = rows.shape[0], columns.shape[0]
     width = min(num_columns, BLOCK_COLUMNS)
     starts = range(0, num_columns, width)
     tile_rows = max(1, TILE_BYTES // (width * rows.element_size()))
-    maxima = rows.new_empty(len(starts), num_rows)
+    fixed_shift = beta <= _SAFE_SHIFT[rows.dtype]
+    maxima = rows.new_full((len(starts), num_rows), beta) if fixed_shift else rows.new_empty(len(starts), num_rows)
     sums = rows.new_empty(len(starts), num_rows)
     blocks: list[Tensor] = []
     scratch = None if keep else rows.new_empty(min(tile_rows, num_rows) * width)
@@ -89,9 +97,11 @@ def _exp_logits(
             tile = block[r0:r1] if block is not None else scratch[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
             torch.mm(rows[r0:r1], block_columns.T, out=tile)
             _mask_runs(tile, (r0, r1), (c0, c1), excluded)
-            row_max = torch.amax(tile, dim=1, keepdim=True)
-            tile.sub_(row_max).exp_()
-            maxima[j, r0:r1] = row_max.squeeze(1)
+            if fixed_shift:
+                tile.sub_(beta).exp_()
+            else:
+                row_max = torch.amax(tile, dim=1, out=maxima[j, r0:r1])
+                tile.sub_(row_max[:, None]).exp_()
             torch.sum(tile, dim=1, out=sums[j, r0:r1])
         if block is not None:
             blocks.append(block)
@@ -119,7 +129,7 @@ class _ContrastiveCrossEntropy(torch.autograd.Function):
             columns = candidates.to(dtype)
             columns_inv = None if unit_candidates else columns.new_empty(columns.shape[0], 1)
         keep = any(ctx.needs_input_grad)
-        blocks, maxima, sums = _exp_logits(scaled, columns, columns_inv, excluded, keep)
+        blocks, maxima, sums = _exp_logits(scaled, columns, columns_inv, excluded, keep, beta)
         if positive_keys is not None:
             k, k_inv = _unit(positive_keys.to(dtype))
         else:
@@ -133,8 +143,8 @@ class _ContrastiveCrossEntropy(torch.autograd.Function):
         log_partition = torch.logsumexp(log_terms, dim=0)
         loss = (log_partition - positive).mean()
         if keep:
-            ctx.save_for_backward(a, a_inv, columns, columns_inv, k, k_inv, positive_index, positive, maxima,
-                                  log_partition, *blocks)
+            ctx.save_for_backward(a, a_inv, scaled, columns, columns_inv, k, k_inv, positive_index, positive,
+                                  maxima, log_partition, *blocks)
             ctx.beta = beta
             ctx.shared = candidates is None
             ctx.dtypes = (queries.dtype, None if candidates is None else candidates.dtype,
@@ -143,13 +153,12 @@ class _ContrastiveCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        a, a_inv, columns, columns_inv, k, k_inv, positive_index, positive, maxima, log_partition, *blocks = (
+        a, a_inv, scaled, columns, columns_inv, k, k_inv, positive_index, positive, maxima, log_partition, *blocks = (
             ctx.saved_tensors
         )
         need_queries, need_candidates, need_keys = ctx.needs_input_grad[:3]
         shared = ctx.shared  # SimCLR on one process: the candidates are the queries
         scale = float(grad_loss) / a.shape[0]
-        scaled = a * ctx.beta
         # P = E * exp(m - log Z) per (row, block): the softmax, with the loss gradient's 1/R folded in.
         weights = (maxima - log_partition).exp_().mul_(scale)  # (blocks, R)
         need_b = need_candidates or shared
