@@ -30,10 +30,11 @@ Peak memory is measured, not estimated: one extra (untimed) call under ``torch.p
 forward+backward (memory held by the inputs before the call is not counted). The size of one float32 logits
 matrix is printed beside it for scale. The floor writes into preallocated buffers, so it has no peak.
 
-Allocator note: glibc serves every allocation above 32 MiB with a fresh ``mmap`` and returns it on free, so
-the large rows (N = 4096, K = 65536) spend much of their time page-faulting new logits buffers in the kernel
-(watch the ``sys`` time). Running with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967295`` (keep freed
-memory in the heap) changes those rows a lot, for every contender but the floor; compare like with like.
+Allocator: glibc serves every allocation above 32 MiB with a fresh ``mmap`` and unmaps it on free, so by default
+the large rows (N = 4096, K = 65536) spend much of their time page-faulting new logits buffers in the kernel.
+The trainers call :func:`trainers.runtime.keep_freed_memory` (glibc keeps freed memory for reuse), and so does
+this benchmark unless ``--system-malloc`` is given; the setting applies to every contender alike (the floor
+writes into preallocated buffers either way). The header line says which was in effect.
 
 Run (about 1-2 minutes on 2 idle cores; ``--quick`` about 20 s):
 
@@ -59,6 +60,7 @@ from _common import calls_for, interleaved, machine_note, markdown_table, median
 from torch import Tensor
 
 from trainers.losses import info_nce, nt_xent
+from trainers.runtime import keep_freed_memory
 
 try:
     from lightly.loss import NTXentLoss
@@ -278,7 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=256, help="info_nce queries N")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--no-lightly", action="store_true", help="skip lightly even if it is installed")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc defaults (trainers call trainers.runtime.keep_freed_memory)")
     args = parser.parse_args(argv)
+    malloc = "glibc defaults" if args.system_malloc or not keep_freed_memory() else "keep_freed_memory()"
     if args.quick:
         args.rounds, args.target_ms = 3, 50.0
         args.sizes = [s for s in args.sizes if s <= 1024] or args.sizes[:1]
@@ -291,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = [nt_xent_case(n, args.dim, 0.5, use_lightly=use_lightly) for n in args.sizes]
     cases += [info_nce_case(args.queries, k, args.dim, 0.2, use_lightly=use_lightly) for k in args.queues]
 
-    print(f"# bench_loss: forward+backward per call ({machine_note()})\n")
+    print(f"# bench_loss: forward+backward per call ({machine_note()}; malloc: {malloc})\n")
     if not use_lightly:
         print(f"{lightly_note}\n" if LIGHTLY else f"lightly: {lightly_note}\n")
     check_rows, time_rows, memory_rows = [], [], []

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from trainers.config import TrainConfig
 from trainers.loop import Trainer, build_method, build_optimizer, load_data
 from trainers.methods import training_step
+from trainers.runtime import keep_freed_memory
 
 
 def plain_two_passes(config: TrainConfig, channels: int, x1: Tensor, x2: Tensor) -> Callable[[], None]:
@@ -175,7 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epoch-methods", nargs="*", default=["simclr"], choices=["simclr", "moco"],
                         help="epoch part: methods (none skips the part)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc defaults (trainers call trainers.runtime.keep_freed_memory)")
     args = parser.parse_args(argv)
+    malloc = "glibc defaults" if args.system_malloc or not keep_freed_memory() else "keep_freed_memory()"
     if args.quick:
         args.rounds, args.subset, args.epoch_rounds = 3, 512, 2
     if args.threads:
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.subset < args.batch:
         parser.error(f"--subset ({args.subset}) must hold at least one batch ({args.batch})")
 
-    print(f"# bench_step ({machine_note()})\n")
+    print(f"# bench_step ({machine_note()}; malloc: {malloc})\n")
     print(step_part(args), flush=True)
     print("step part done", file=sys.stderr, flush=True)
     for method in args.epoch_methods:

@@ -25,6 +25,7 @@ from ray.train.torch import TorchTrainer
 
 from trainers.config import TrainConfig, validate
 from trainers.loop import CheckpointError, Trainer, load_checkpoint, run_to_end, save_checkpoint
+from trainers.runtime import keep_freed_memory
 
 CHECKPOINT_FILE = "checkpoint.pt"
 T = TypeVar("T")
@@ -87,6 +88,7 @@ def run_worker(loop_config: dict[str, Any], *, after_epoch: Callable[[Trainer], 
     """The body of every worker; ``after_epoch`` runs after an epoch's training, before its report."""
     # Ray sets OMP_NUM_THREADS to the integer part of the worker's CPUs; use every CPU it was given.
     torch.set_num_threads(max(1, round(loop_config.get("cpus_per_worker", torch.get_num_threads()))))
+    keep_freed_memory()  # no page faults for each step's large tensors (trainers/runtime.py)
     trainer = build_worker_trainer(TrainConfig.from_dict(loop_config["train"]))
     # The final report carries a checkpoint too: Train V2's Result.metrics are those of the last checkpointed one.
     run_to_end(trainer, lambda metrics, with_checkpoint: _report(trainer, metrics, with_checkpoint),

@@ -23,6 +23,7 @@ import torch
 
 from trainers.config import TrainConfig, add_dataclass_arguments, dataclass_values, validate
 from trainers.loop import CheckpointError, Trainer, checkpoint_files, load_latest_checkpoint, save_checkpoint
+from trainers.runtime import keep_freed_memory
 
 CHECKPOINT = "checkpoint.pt"
 DAMAGED_CHECKPOINT = "checkpoint.damaged.pt"
@@ -164,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # no page faults for each step's large tensors (trainers/runtime.py)
     run_dir = args.run_dir or default_run_dir(config)
     print(f"config:\n{config.to_json()}\nrun folder: {run_dir}", flush=True)
     try:
