@@ -49,7 +49,8 @@ def reference(
 
 @pytest.fixture
 def tiny_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(streamed_ce, "TILE_BYTES", 3 * 5 * 4)  # 3 rows of a 5-column block per tile
+    # 3 rows of a 5-column block per tile
+    monkeypatch.setattr(streamed_ce, "TILE_BYTES_PER_THREAD", 3 * 5 * 4 // torch.get_num_threads())
     monkeypatch.setattr(streamed_ce, "BLOCK_COLUMNS", 5)
 
 
