@@ -39,14 +39,14 @@ class StudyConfig(ConfigMixin):
     dataset: str = _f("fashion_mnist", "dataset", choices=DATASET_NAMES)
     data_root: str = _f("", "dataset folder; empty = the Debian package folder or the download cache")
     backbone: str = _f("resnet_small", "encoder architecture", choices=BACKBONE_NAMES)
-    epochs: int = _f(3, "pretraining epochs per trial")
-    pretrain_subset: int = _f(4096, "pretraining images per trial (0 = the whole training split)")
+    epochs: int = _f(6, "pretraining epochs per trial")
+    pretrain_subset: int = _f(2048, "pretraining images per trial (0 = the whole training split)")
     probe_train_subset: int = _f(5000, "labeled images that fit the probes (0 = all)")
     val_size: int = _f(5000, "validation images carved from the training split (the objective is measured here)")
     test_subset: int = _f(5000, "test images (0 = all); reported, never tuned on")
     monitor_bank_size: int = _f(2000, "per-epoch kNN monitor (ASHA's signal): labeled training images in its bank")
     monitor_query_size: int = _f(500, "per-epoch kNN monitor: validation images it classifies")
-    num_trials: int = _f(8, "trials (configurations) to run; with grid search, the number of grid points")
+    num_trials: int = _f(12, "trials (configurations) to run; with grid search, the number of grid points")
     replicates: int = _f(1, "seeds per configuration (1 = one seed); the searcher sees their mean")
     workers_per_trial: int = _f(1, "Ray Train workers per trial (data-parallel)")
     cpus_per_worker: float = _f(0.0, "CPUs per Ray Train worker (torch uses that many threads); 0 = all the "
@@ -61,6 +61,8 @@ class StudyConfig(ConfigMixin):
     searcher: str = _f("tpe", "search algorithm (Optuna TPE, random, or grid over choice spaces)", choices=SEARCHERS)
     scheduler: str = _f("asha", "early stopping on the per-epoch kNN monitor (ASHA) or none", choices=SCHEDULERS)
     grace_epochs: int = _f(1, "ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: int = _f(3, "ASHA: a trial goes on past a rung (grace x factor^k epochs) only if it is in the "
+                               "top 1/factor of the trials that reached that rung")
     objective: str = _f("linear_val_accuracy", "what the searcher maximises (validation only)", choices=OBJECTIVES)
     storage_path: str = _f("studies", "folder (or pyarrow URI such as s3://bucket/prefix) holding study folders")
     address: str = _f("", "Ray cluster to join (auto, HOST:PORT); empty = start a local cluster")
@@ -109,6 +111,7 @@ def validate_study(c: StudyConfig) -> None:
              "not starting with '.')", c.name)
     require(c.storage_path.strip() != "", "storage_path",
              "be a folder or URI (empty would put the study at the filesystem root)", c.storage_path)
+    require(c.reduction_factor >= 2, "reduction_factor", "be >= 2", c.reduction_factor)
     for name in ("epochs", "num_trials", "replicates", "workers_per_trial", "grace_epochs", "monitor_bank_size",
                  "monitor_query_size"):
         require(getattr(c, name) >= 1, name, "be >= 1", getattr(c, name))

@@ -1,10 +1,11 @@
 """``python -m study.launch``: a hyperparameter study of SimCLR/MoCo with Ray Tune + Optuna, results in Parquet.
 
-With no arguments: the default study (space ``contrastive``: both methods, 8 trials, 3 epochs on 4,096
-Fashion-MNIST images each, ASHA on the per-epoch kNN monitor), on a local Ray cluster whose dashboard listens on
-127.0.0.1 (its URL is printed). Every field of StudyConfig is a flag (``--help``); ``--config FILE`` reads them from
-YAML or TOML first. ``--resume <study dir>`` continues an interrupted study: finished trials are kept and not
-rerun, unfinished ones continue from their checkpoints, the searcher continues its history.
+With no arguments: the default study (space ``contrastive``: both methods, 12 trials, up to 6 epochs on 2,048
+Fashion-MNIST images each, ASHA on the per-epoch kNN monitor with rungs at epochs 1 and 3), on a local Ray cluster
+whose dashboard listens on 127.0.0.1 (its URL is printed). Every field of StudyConfig is a flag (``--help``);
+``--config FILE`` reads them from YAML or TOML first. ``--resume <study dir>`` continues an interrupted study:
+finished trials are kept and not rerun, unfinished ones continue from their checkpoints, the searcher continues its
+history.
 
 Results: ``<study dir>/trials.parquet`` and ``epochs.parquet`` (see ``study.results``), written as trials finish.
 """
@@ -312,10 +313,11 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True, restart_errored=False)
         else:
-            # Rungs at grace, 2 x grace, ... epochs; stop_last_trials=False so a trial that reaches the last epoch
+            # Rungs at grace x factor^k epochs; stop_last_trials=False so a trial that reaches the last epoch
             # is never stopped before its final probe evaluation.
             scheduler = (ASHAScheduler(time_attr="epoch", metric="knn_monitor_accuracy", mode="max",
-                                       max_t=study.epochs, grace_period=study.grace_epochs, reduction_factor=2,
+                                       max_t=study.epochs, grace_period=study.grace_epochs,
+                                       reduction_factor=study.reduction_factor,
                                        stop_last_trials=False)
                          if study.scheduler == "asha" else None)
             tuner = tune.Tuner(

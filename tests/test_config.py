@@ -107,7 +107,8 @@ def test_every_train_config_field_has_a_refusal_test() -> None:
     ({"max_concurrent_trials": -1}, "max_concurrent_trials must be >= 0, got -1"),
     ({"searcher": "bohb"}, "searcher must be one of ('tpe', 'random', 'grid'), got 'bohb'"),
     ({"scheduler": "pbt"}, "scheduler must be one of ('asha', 'none'), got 'pbt'"),
-    ({"grace_epochs": 4}, "grace_epochs must be <= epochs (3), got 4"),
+    ({"grace_epochs": 7}, "grace_epochs must be <= epochs (6), got 7"),
+    ({"reduction_factor": 1}, "reduction_factor must be >= 2, got 1"),
     ({"objective": "linear_test_accuracy"}, "objective must be one of ('linear_val_accuracy', 'knn_val_accuracy'), "
      "got 'linear_test_accuracy'"),
     ({"storage_path": " "}, "storage_path must be a folder or URI (empty would put the study at the filesystem root), "
