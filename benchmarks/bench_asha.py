@@ -31,13 +31,16 @@ from study.launch import BASELINES_FILE, compute_baselines, run_study
 
 
 def summary(study_dir: str, wall: float) -> dict[str, float]:
-    trials, _ = results.load(study_dir)
+    trials, epochs = results.load(study_dir)
     completed = trials[trials["status"] == "completed"]
     best = completed.loc[completed["objective"].idxmax()]
     compute_h = float((trials["wall_time_s"] * trials["workers"] * trials["cpus_per_worker"]).sum()) / 3600
     return {"best_val": float(best["linear_val_accuracy"]), "best_test": float(best["linear_test_accuracy"]),
             "best_trial": best["trial_id"], "completed": len(completed), "trials": len(trials),
-            "compute_h": compute_h, "wall_min": wall / 60}
+            "compute_h": compute_h, "wall_min": wall / 60,
+            # Counts, not seconds: what early stopping saved whatever the machine's speed was during each study.
+            "epochs": len(epochs), "evaluations": int(completed["evaluation_time_s"].notna().sum()),
+            "epoch_s": float(epochs["epoch_time_s"].mean())}
 
 
 def main() -> None:
@@ -61,13 +64,19 @@ def main() -> None:
     print(f"default study ({base.num_trials} trials, {base.epochs} epochs on {base.pretrain_subset} images, TPE seed "
           f"{base.seed}); baselines computed once beforehand in {baseline_s:.0f} s and shared\n")
     rows = [[name, f"{m['completed']}/{m['trials']}", m["best_trial"], f"{m['best_val']:.4f}", f"{m['best_test']:.4f}",
-             f"{m['compute_h']:.3f}", f"{m['wall_min']:.1f}"] for name, m in measured.items()]
+             f"{m['compute_h']:.3f}", f"{m['wall_min']:.1f}", m["epochs"], m["evaluations"], f"{m['epoch_s']:.1f}"]
+            for name, m in measured.items()]
     print(_common.markdown_table(["scheduler", "completed", "best trial", "best val linear", "its test linear",
-                                  "compute (CPU-h)", "wall (min)"], rows))
+                                  "compute (CPU-h)", "wall (min)", "epochs trained", "final evaluations",
+                                  "mean epoch (s)"], rows))
     asha, none = measured["asha"], measured["none"]
     print(f"\nASHA - none, best validation accuracy: {(asha['best_val'] - none['best_val']) * 100:+.2f} points; "
           f"ASHA compute / none compute: {asha['compute_h'] / none['compute_h']:.2f}; "
-          f"wall time ratio: {asha['wall_min'] / none['wall_min']:.2f}")
+          f"wall time ratio: {asha['wall_min'] / none['wall_min']:.2f}; epochs trained: "
+          f"{asha['epochs'] / none['epochs']:.2f}; final evaluations: {asha['evaluations'] / none['evaluations']:.2f}")
+    print("(compute and wall time are seconds measured on a shared machine; the epoch and evaluation counts are "
+          "what early stopping saved independently of its speed: compare the mean epoch times before trusting the "
+          "first two)")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from study.config import StudyConfig
 from trainers.config import TrainConfig
 from trainers.distributed import CHECKPOINT_FILE, make_torch_trainer, restore
 from trainers.loop import Trainer, load_checkpoint, run_to_end, save_checkpoint
-from trainers.runtime import keep_freed_memory
+from trainers.runtime import keep_freed_memory, release_freed_memory
 
 WORST_OBJECTIVE = 0.0  # accuracies lie in [0, 1]
 TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
@@ -120,6 +120,7 @@ def _rows_in_process(study: StudyConfig, trial_id: str, sampled: dict[str, Any],
     """Train every seed in this process, resuming from the trial's Tune checkpoint when it is a retry."""
     torch.set_num_threads(max(1, round(cpus)))  # Tune sets OMP_NUM_THREADS to the integer part of the trial's CPUs
     keep_freed_memory()  # no page faults for each step's large tensors (trainers/runtime.py)
+    release_freed_memory()  # a reused trial process: what the previous trial freed goes back to the kernel
     progress: dict[str, Any] = {"rows": [], "started": time.time()}  # rows of finished seeds; current seed's start
     state: dict[str, Any] | None = None
     checkpoint = tune.get_checkpoint()

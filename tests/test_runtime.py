@@ -13,7 +13,7 @@ import pytest
 PROBE = """
 import json, resource
 import torch
-from trainers.runtime import keep_freed_memory
+from trainers.runtime import keep_freed_memory, release_freed_memory
 applied = keep_freed_memory()
 def faults_per_step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -23,7 +23,13 @@ def faults_per_step():
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
 for _ in range(3):  # the first steps fault their pages in whatever the setting (and the heap settles)
     faults_per_step()
-print(json.dumps({"applied": applied, "again": keep_freed_memory(), "faults": faults_per_step()}))
+faults = faults_per_step()
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+kept = rss_mib()
+release_freed_memory()
+print(json.dumps({"applied": applied, "again": keep_freed_memory(), "faults": faults, "kept_mib": kept,
+                  "released_mib": rss_mib()}))
 """
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
@@ -42,6 +48,8 @@ def test_freed_blocks_are_reused_without_page_faults() -> None:
     tuned = _run(None)
     assert tuned["applied"] is True and tuned["again"] is True
     assert tuned["faults"] < 100  # the freed blocks are reused from the heap
+    # ... and kept until released: a reused trial process gives them back before its next trial.
+    assert tuned["kept_mib"] - tuned["released_mib"] > 150
 
 
 def test_system_setting_leaves_glibc_alone_and_faults_every_time() -> None:

@@ -9,7 +9,9 @@ arithmetic), and 3,100 faults (about 20 %) at N = 1024. The fix the PyTorch CPU 
 another allocator (jemalloc or tcmalloc via ``LD_PRELOAD``); :func:`keep_freed_memory` gets the same effect from
 glibc itself, at run time: no ``mmap`` for large blocks and no trimming, so freed blocks are reused.
 
-The cost: the process keeps its peak memory until it exits (as PyTorch's CUDA caching allocator does on GPUs).
+The cost: the process keeps its peak memory (as PyTorch's CUDA caching allocator does on GPUs) until
+:func:`release_freed_memory` hands the free pages back; a process that runs one trial after another (Tune reuses
+trial processes) calls it before each trial, so one trial's freed memory is not carried into the next.
 Set ``CONTRASTIVE_STUDY_MALLOC=system`` to leave the C library's defaults alone. Other C libraries (musl, macOS)
 are left as they are.
 """
@@ -29,6 +31,17 @@ _NEVER_TRIM = 2**31 - 1  # mallopt takes an int: the largest one (2 GiB of free 
 _applied: bool | None = None
 
 
+def _glibc_function(name: str) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    library = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(library) if library else None
+    except OSError:
+        return None
+    if libc is None or not hasattr(libc, "gnu_get_libc_version"):  # musl, macOS: not glibc's malloc
+        return None
+    return getattr(libc, name, None)
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse (once per process); ``True`` if it is now in effect.
 
@@ -40,15 +53,18 @@ def keep_freed_memory() -> bool:
     _applied = False
     if os.environ.get(ENV_VAR, "").strip().lower() == "system":
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None and hasattr(libc, "gnu_get_libc_version") else None
-    except OSError:
-        mallopt = None
+    mallopt = _glibc_function("mallopt")
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success. Large blocks then come from the heap, and the heap is never trimmed.
     _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
     return _applied
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the kernel now (glibc's ``malloc_trim(0)``); a no-op elsewhere."""
+    trim = _glibc_function("malloc_trim")
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        trim(0)
