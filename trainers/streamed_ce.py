@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 # One tile of logits (rows x block columns) per thread stays in that core's L2 while it is exponentiated and
 # summed; tiles much smaller than this pay more in per-operation overhead than they gain in cache hits
@@ -81,8 +81,10 @@ def _exp_logits(
     num_rows, num_columns = rows.shape[0], columns.shape[0]
     width = min(num_columns, BLOCK_COLUMNS)
     starts = range(0, num_columns, width)
-    tile_bytes = TILE_BYTES_PER_THREAD * torch.get_num_threads()
-    tile_rows = max(1, tile_bytes // (width * rows.element_size()))
+    if rows.device.type == "cpu":
+        tile_rows = max(1, TILE_BYTES_PER_THREAD * torch.get_num_threads() // (width * rows.element_size()))
+    else:  # accelerators: fewer, larger kernels beat cache-sized tiles
+        tile_rows = num_rows
     fixed_shift = beta <= _SAFE_SHIFT[rows.dtype]
     maxima = rows.new_full((len(starts), num_rows), beta) if fixed_shift else rows.new_empty(len(starts), num_rows)
     sums = rows.new_empty(len(starts), num_rows)
@@ -135,7 +137,7 @@ class _ContrastiveCrossEntropy(torch.autograd.Function):
         if positive_keys is not None:
             k, k_inv = _unit(positive_keys.to(dtype))
         else:
-            k = k_inv = None
+            k_inv = None
             unit_columns = columns if columns_inv is None else columns * columns_inv
             k = unit_columns.index_select(0, positive_index)
         positive = (scaled * k).sum(dim=1)
@@ -154,6 +156,7 @@ class _ContrastiveCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # the backward is written by hand: no graph of it for a second derivative
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         a, a_inv, scaled, columns, columns_inv, k, k_inv, positive_index, positive, maxima, log_partition, *blocks = (
             ctx.saved_tensors
