@@ -64,6 +64,8 @@ class StudyConfig(ConfigMixin):
     reduction_factor: int = _f(3, "ASHA: a trial goes on past a rung (grace x factor^k epochs) only if it is in the "
                                "top 1/factor of the trials that reached that rung")
     objective: str = _f("linear_val_accuracy", "what the searcher maximises (validation only)", choices=OBJECTIVES)
+    baselines: bool = _f(True, "once per study, before the trials: the same probes on raw pixels and on a "
+                         "random-init backbone (the reference points of every trial's accuracy)")
     storage_path: str = _f("studies", "folder (or pyarrow URI such as s3://bucket/prefix) holding study folders")
     address: str = _f("", "Ray cluster to join (auto, HOST:PORT); empty = start a local cluster")
     dashboard_host: str = _f("127.0.0.1", "local cluster: dashboard address (anything else is exposed; warned)")

@@ -32,7 +32,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from search_spaces import SearchSpace
-from study import analyze, results, storage
+from study import results, storage
 from study.config import StudyConfig, differences, read_config_file
 from study.trial import WORST_OBJECTIVE, run_trial, train_configs, trial_row
 from trainers.config import TrainConfig, add_dataclass_arguments, dataclass_values
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="STUDY_DIR", help="continue the interrupted study in this folder")
     parser.add_argument("--expose-dashboard", action="store_true",
                         help="allow --dashboard-host other than 127.0.0.1 (anyone who reaches it can run code)")
+    parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                        help="end with the analysis report in <study dir>/report (default); --no-report skips it "
+                             "(python -m study.analyze <study dir> writes it later)")
     add_dataclass_arguments(parser, StudyConfig)
     return parser
 
@@ -153,8 +156,9 @@ def prepare_study_dir(study: StudyConfig, *, resume: bool) -> str:
 
 
 def compute_baselines(study: StudyConfig) -> dict[str, float]:
-    """Raw-pixel and random-init probe accuracies, once per study (they do not depend on the trials)."""
-    if study.trial_mode == "synthetic":  # nothing is trained, so nothing is compared
+    """Raw-pixel and random-init probe accuracies, once per study (they do not depend on the trials); none when
+    the study is run without them (``baselines=False``)."""
+    if study.trial_mode == "synthetic" or not study.baselines:  # synthetic: nothing is trained, nothing compared
         return {}
     cached = storage.join(study.study_dir, BASELINES_FILE)
     if storage.exists(cached):
@@ -287,8 +291,10 @@ def best_table(study_dir: str, top: int = 10) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: bool = False) -> str:
-    """Everything after validation: folder, Ray, baselines, the Tuner (fresh or restored), the best trials."""
+def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: bool = False,
+              report: bool = True) -> str:
+    """Everything after validation: folder, Ray, baselines, the Tuner (fresh or restored), the best trials, and
+    (``report``) the analysis report."""
     study_dir = prepare_study_dir(study, resume=resume)
     print(f"study config:\n{study.to_json()}\nstudy folder: {study_dir}", flush=True)
     if "://" not in study.storage_path:  # trials run in other working folders: give them absolute paths
@@ -337,12 +343,17 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
     print(f"\nbest trials (objective: {study.objective}):\n{best_table(study_dir)}")
     files = " and ".join(storage.join(study_dir, name) for name in (results.TRIALS_FILE, results.EPOCHS_FILE))
     print(f"\nresults: {files}  (study.results.load({study_dir!r}) -> pandas)")
-    report_study(study_dir)
+    if report:
+        report_study(study_dir)
+    else:
+        print(f"\nno analysis report (--no-report); python -m study.analyze {study_dir} writes it", flush=True)
     return study_dir
 
 
 def report_study(study_dir: str) -> None:
     """The analysis report of the finished study; a study whose analysis fails has still finished."""
+    from study import analyze  # matplotlib, scikit-learn: imported when a report is written, not by every launch
+
     try:
         local = study_dir.removeprefix("file://") if "://" not in study_dir.removeprefix("file://") else None
         folder = analyze.write_report([study_dir], f"{local}/{analyze.REPORT_DIR}" if local else None)
@@ -367,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"dashboard_host {study.dashboard_host!r} exposes the Ray dashboard (and its job API) beyond this "
                      "machine; pass --expose-dashboard to confirm")
     try:
-        run_study(study, resume=bool(args.resume), expose_dashboard=args.expose_dashboard)
+        run_study(study, resume=bool(args.resume), expose_dashboard=args.expose_dashboard, report=args.report)
     except (ValueError, results.ResultsError, storage.StorageError, CheckpointError) as error:
         # Bad input, or a study file that cannot be read or written (the message names it; finished trials are
         # safe in Parquet and --resume continues once the cause is fixed).

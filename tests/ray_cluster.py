@@ -20,6 +20,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cluster_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a new cluster and its drivers: token authentication with a fresh token."""
+    return os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)} | (extra_env or {})
+
+
+@contextmanager
+def one_node(num_cpus: int = 2) -> Iterator[tuple[str, dict[str, str]]]:
+    """A one-node cluster (``ray start --head``, token auth on) that the studies of a test module join with
+    ``address=``, instead of each starting and stopping its own local cluster; yields its address and the
+    environment a driver needs. Its token is the user's default one (``~/.ray/auth_token``, as for the launcher's
+    local clusters), not a fresh one: a process keeps the first token it loaded, and the test process has
+    usually started local clusters before."""
+    port = _free_port()
+    env = os.environ | {"RAY_AUTH_MODE": "token"}
+    head = [RAY, "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--num-cpus", str(num_cpus),
+            "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    try:
+        subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
 @contextmanager
 def two_nodes(blind_to: Path | None = None, *, extra_env: dict[str, str] | None = None
               ) -> Iterator[tuple[str, dict[str, str]]]:
@@ -28,7 +51,7 @@ def two_nodes(blind_to: Path | None = None, *, extra_env: dict[str, str] | None 
     second node runs in its own mount namespace where an empty tmpfs hides that folder (as a node without the
     shared disk would be)."""
     port = _free_port()
-    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)} | (extra_env or {})
+    env = _cluster_env(extra_env)
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     head = [RAY, "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
             "--resources", '{"node_a": 1}', *common]

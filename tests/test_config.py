@@ -111,6 +111,7 @@ def test_every_train_config_field_has_a_refusal_test() -> None:
     ({"reduction_factor": 1}, "reduction_factor must be >= 2, got 1"),
     ({"objective": "linear_test_accuracy"}, "objective must be one of ('linear_val_accuracy', 'knn_val_accuracy'), "
      "got 'linear_test_accuracy'"),
+    ({"baselines": "no"}, "baselines must be true or false, got 'no'"),
     ({"storage_path": " "}, "storage_path must be a folder or URI (empty would put the study at the filesystem root), "
      "got ' '"),
     ({"address": 6379}, "address must be a string, got 6379"),

@@ -27,7 +27,8 @@ pytestmark = [
 ]
 
 ONE_TRIAL = {"space": "smoke", "epochs": 3, "pretrain_subset": 256, "probe_train_subset": 300, "val_size": 300,
-             "test_subset": 300, "cpus_per_worker": 1.0, "scheduler": "none", "num_trials": 1, "max_failures": 1}
+             "test_subset": 300, "cpus_per_worker": 1.0, "scheduler": "none", "num_trials": 1, "max_failures": 1,
+             "baselines": False}  # baselines and the analysis report play no part in these faults: both off
 COMPARED = ["method", "temperature", "batch_size", "lr", "momentum", "queue_length", "status", "epochs_done",
             "objective", "linear_val_accuracy", "linear_test_accuracy", "knn_val_accuracy", "final_loss"]
 
@@ -71,9 +72,11 @@ def killer_cleanup() -> Iterator[list[Killer]]:
         killer.stop.set()
 
 
-def _run(tmp_path: Path, name: str, **overrides: object) -> tuple[StudyConfig, pd.DataFrame, pd.DataFrame]:
-    study = StudyConfig(name=name, storage_path=str(tmp_path), **(ONE_TRIAL | overrides))
-    run_study(study)
+def _run(tmp_path: Path, address: str, name: str, **overrides: object
+         ) -> tuple[StudyConfig, pd.DataFrame, pd.DataFrame]:
+    """The one-trial study (with ``overrides``) on the module's cluster; its trials and epochs."""
+    study = StudyConfig(name=name, storage_path=str(tmp_path), address=address, **(ONE_TRIAL | overrides))
+    run_study(study, report=False)
     trials, epochs = results.load(study.study_dir)
     return study, trials, epochs
 
@@ -85,26 +88,27 @@ def _optuna_trials(study: StudyConfig) -> list[optuna.trial.FrozenTrial]:
     return searcher._ot_study.trials
 
 
-def _run_killing(tmp_path: Path, killers: list[Killer], name: str, mode: str, title: str,
+def _run_killing(tmp_path: Path, address: str, killers: list[Killer], name: str, mode: str, title: str,
                  checkpoint_pattern: str) -> tuple[StudyConfig, pd.DataFrame, pd.DataFrame]:
     """The one-trial study in ``mode``, SIGKILLing the process titled ``title`` once a checkpoint matching
     ``checkpoint_pattern`` (inside the study folder) exists."""
     killer = Killer(title, lambda: any((tmp_path / name).glob(checkpoint_pattern)))
     killers.append(killer)
     killer.start()
-    outcome = _run(tmp_path, name, trial_mode=mode)
+    outcome = _run(tmp_path, address, name, trial_mode=mode)
     assert killer.killed, f"no {title} process was killed"
     return outcome
 
 
-def test_killed_trials_resume_and_equal_an_undisturbed_study(tmp_path: Path, killer_cleanup: list[Killer]) -> None:
-    _, reference, reference_epochs = _run(tmp_path, "reference")
+def test_killed_trials_resume_and_equal_an_undisturbed_study(tmp_path: Path, shared_cluster: str,
+                                                             killer_cleanup: list[Killer]) -> None:
+    _, reference, reference_epochs = _run(tmp_path, shared_cluster, "reference")
     assert list(reference["status"]) == ["completed"]
 
     # 1. The Tune trial process itself (an in-process trial) is SIGKILLed during epoch 2: Tune retries the trial,
     #    which resumes from its epoch-1 checkpoint.
-    study, trials, epochs = _run_killing(tmp_path, killer_cleanup, "trial-killed", "in_process", "ray::ImplicitFunc",
-                                         "tune/run_trial_*/checkpoint_000000")
+    study, trials, epochs = _run_killing(tmp_path, shared_cluster, killer_cleanup, "trial-killed", "in_process",
+                                         "ray::ImplicitFunc", "tune/run_trial_*/checkpoint_000000")
     _assert_same_outcome(trials, epochs, reference, reference_epochs)
     optuna_trials = _optuna_trials(study)
     assert len(optuna_trials) == 1  # one trial, not one per attempt
@@ -113,7 +117,7 @@ def test_killed_trials_resume_and_equal_an_undisturbed_study(tmp_path: Path, kil
 
     # 2. A Ray Train worker of a TorchTrainer trial is SIGKILLed after its first checkpoint: Train restarts the
     #    worker group from that checkpoint; the trial and its numbers are unchanged.
-    study, trials, epochs = _run_killing(tmp_path, killer_cleanup, "worker-killed", "ray_train",
+    study, trials, epochs = _run_killing(tmp_path, shared_cluster, killer_cleanup, "worker-killed", "ray_train",
                                          "ray::RayTrainWorker", "train/*-seed0/checkpoint_*")
     _assert_same_outcome(trials, epochs, reference, reference_epochs)
     assert [t.state for t in _optuna_trials(study)] == [optuna.trial.TrialState.COMPLETE]
@@ -128,14 +132,14 @@ def _assert_same_outcome(trials: pd.DataFrame, epochs: pd.DataFrame, reference: 
                                   reference_epochs[columns].reset_index(drop=True))
 
 
-def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path: Path) -> None:
+def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path: Path, shared_cluster: str) -> None:
     # Two SimCLR trials on two data-parallel workers, grid-searched: one learning rate trains, the other is so large
     # that the loss becomes non-finite. Both ranks must stop at the same step (the test would hang otherwise).
     space = tmp_path / "diverge.yaml"
     space.write_text("name: diverge\nversion: 1\nlr_scaling: none\nparams:\n  method: {choice: [simclr]}\n"
                      "  temperature: {choice: [0.2]}\n  batch_size: {choice: [64]}\n"
                      "  base_lr: {choice: [0.1, 1.0e+12]}\n")
-    study, trials, _ = _run(tmp_path, "diverge", space=str(space), searcher="grid", num_trials=2,
+    study, trials, _ = _run(tmp_path, shared_cluster, "diverge", space=str(space), searcher="grid", num_trials=2,
                                  workers_per_trial=2, cpus_per_worker=0.99, epochs=2)
     by_lr = trials.set_index("lr")
     assert by_lr.loc[0.1, "status"] == "completed" and math.isfinite(by_lr.loc[0.1, "linear_val_accuracy"])

@@ -67,43 +67,53 @@ def _history(result: Any) -> list[dict[str, float]]:
 
 
 def _one_step_loop(loop_config: dict[str, Any]) -> None:
-    """One optimizer step of the real distributed Trainer on a fixed global batch, split across the ranks."""
-    trainer = build_worker_trainer(TrainConfig.from_dict(loop_config["train"]))
-    images = trainer.splits.pretrain.images[: trainer.config.batch_size].float() / 255
-    view1, view2 = images, images.flip(-1)
-    rank, size = trainer.rank, trainer.world_size
-    local = slice(rank * trainer.local_batch, (rank + 1) * trainer.local_batch)
-    before = {name: value.clone() for name, value in trainer.method.state_dict().items()}
-    loss = training_step(trainer.model, view1[local], view2[local], trainer.optimizer).loss.detach()
-    if size > 1:
-        dist.all_reduce(loss)
-        loss /= size
-    state = {"loss": loss, "model": trainer.method.state_dict(), "before": before}
-    torch.save(state, Path(loop_config["out"]) / f"workers{size}-rank{rank}.pt")
-    ray.train.report({"loss": float(loss)})
+    """One optimizer step of the real distributed Trainer on a fixed global batch, split across the ranks; once per
+    method of ``loop_config["methods"]``, each with a fresh Trainer (one worker group serves both methods)."""
+    for method in loop_config["methods"]:
+        trainer = build_worker_trainer(TrainConfig.from_dict(loop_config["train"] | {"method": method}))
+        images = trainer.splits.pretrain.images[: trainer.config.batch_size].float() / 255
+        view1, view2 = images, images.flip(-1)
+        rank, size = trainer.rank, trainer.world_size
+        local = slice(rank * trainer.local_batch, (rank + 1) * trainer.local_batch)
+        before = {name: value.clone() for name, value in trainer.method.state_dict().items()}
+        loss = training_step(trainer.model, view1[local], view2[local], trainer.optimizer).loss.detach()
+        if size > 1:
+            dist.all_reduce(loss)
+            loss /= size
+        state = {"loss": loss, "model": trainer.method.state_dict(), "before": before}
+        torch.save(state, Path(loop_config["out"]) / f"{method}-workers{size}-rank{rank}.pt")
+        ray.train.report({"loss": float(loss)})
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
-def test_two_workers_step_equals_one_worker_on_the_double_batch(local_ray: None, tmp_path: Path,
-                                                                method: str) -> None:
-    # Global BN (bn_mode="sync") so normalisation statistics span the global batch, as in one process.
-    config = TrainConfig(method=method, bn_mode="sync", queue_length=256, **(TINY | {"batch_size": 64}))
+METHODS = ("simclr", "moco")
+
+
+def test_two_workers_step_equals_one_worker_on_the_double_batch(local_ray: None, tmp_path: Path) -> None:
+    # Global BN (bn_mode="sync") so normalisation statistics span the global batch, as in one process. Both methods
+    # in each worker group (a fresh Trainer each): two worker-group start-ups instead of four.
+    config = TrainConfig(method="simclr", bn_mode="sync", queue_length=256, **(TINY | {"batch_size": 64}))
     for workers in (1, 2):
         make_torch_trainer(config, workers=workers, storage_path=str(tmp_path), name=f"step{workers}",
-                           loop=_one_step_loop, loop_extras={"out": str(tmp_path)}).fit()
-    single = torch.load(tmp_path / "workers1-rank0.pt", weights_only=True)
-    ranks = [torch.load(tmp_path / f"workers2-rank{r}.pt", weights_only=True) for r in (0, 1)]
+                           loop=_one_step_loop, loop_extras={"out": str(tmp_path), "methods": METHODS}).fit()
+    for method in METHODS:
+        _assert_two_workers_equal_one(tmp_path, method)
+
+
+def _assert_two_workers_equal_one(folder: Path, method: str) -> None:
+    single = torch.load(folder / f"{method}-workers1-rank0.pt", weights_only=True)
+    ranks = [torch.load(folder / f"{method}-workers2-rank{r}.pt", weights_only=True) for r in (0, 1)]
     for state in ranks:
         torch.testing.assert_close(state["loss"], single["loss"], rtol=1e-5, atol=1e-6)
         for name, value in single["model"].items():
             if not value.is_floating_point():
-                assert torch.equal(state["model"][name], value), name
+                assert torch.equal(state["model"][name], value), (method, name)
                 continue
             # Float tolerance relative to the step: this loss amplifies float32 rounding (~0.1% of a gradient,
             # measured against float64 here), while a wrong gather or per-worker BN changes the step by >10%.
             step = value - single["before"][name]
             difference = (state["model"][name] - value).abs().max()
-            assert difference <= 0.01 * step.abs().max() + 1e-6, (name, float(difference), float(step.abs().max()))
+            assert difference <= 0.01 * step.abs().max() + 1e-6, (method, name, float(difference),
+                                                                   float(step.abs().max()))
     if method == "moco":
         assert torch.equal(ranks[0]["model"]["queue"], ranks[1]["model"]["queue"])
         assert int(ranks[0]["model"]["queue_ptr"]) == 64

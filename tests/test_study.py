@@ -18,17 +18,27 @@ import ray
 
 from study import analyze, results
 from study.config import StudyConfig
-from study.launch import StudySearch, main, prepare_study_dir, run_study
+from study.launch import BASELINES_FILE, StudySearch, main, prepare_study_dir, run_study
 
 HAS_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
 needs_data = pytest.mark.skipif(not HAS_FMNIST, reason="needs the Debian package dataset-fashion-mnist")
 
 SMOKE = {"space": "smoke", "epochs": 2, "pretrain_subset": 256, "probe_train_subset": 300, "val_size": 300,
          "test_subset": 300, "cpus_per_worker": 1.0, "scheduler": "none"}
+# Only the end-to-end smoke test runs the baselines and the analysis report (the default path): the other studies
+# here are about trials, resume and equality, and switch both off (--no-baselines, --no-report), which the
+# equality and killed-launcher tests check.
+BASELINE_COLUMNS = ["raw_pixel_linear_val_accuracy", "raw_pixel_linear_test_accuracy",
+                    "random_init_linear_val_accuracy", "random_init_linear_test_accuracy",
+                    "random_init_knn_val_accuracy", "random_init_knn_test_accuracy"]
 
 
 def _flags(values: dict) -> list[str]:
-    return [item for key, value in values.items() for item in ("--" + key.replace("_", "-"), str(value))]
+    flags = []
+    for key, value in values.items():
+        flag = key.replace("_", "-")
+        flags += ([f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)])
+    return flags
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -62,7 +72,7 @@ def test_bad_space_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_existing_study_with_another_configuration_is_refused(tmp_path: Path) -> None:
-    first = StudyConfig(storage_path=str(tmp_path), name="s")
+    first = StudyConfig(storage_path=str(tmp_path), name="s", epochs=3)  # not the default: the test outlives it
     prepare_study_dir(first, resume=False)
     with pytest.raises(ValueError, match=r"another configuration; differences \(saved, new\): \{'epochs': \(3, 5\)\}"):
         prepare_study_dir(StudyConfig(storage_path=str(tmp_path), name="s", epochs=5), resume=False)
@@ -104,7 +114,7 @@ def test_smoke_study_end_to_end(tmp_path: Path) -> None:
 @needs_data
 @pytest.mark.timeout(900)
 def test_killed_launcher_resumes_without_losing_or_repeating_trials(tmp_path: Path) -> None:
-    flags = [*_flags(SMOKE | {"num_trials": 3, "max_concurrent_trials": 1}), "--name", "killed",
+    flags = [*_flags(SMOKE | {"num_trials": 3, "max_concurrent_trials": 1, "baselines": False}), "--name", "killed",
              "--storage-path", str(tmp_path)]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     launcher = subprocess.Popen([sys.executable, "-m", "study.launch", *flags], env=env, start_new_session=True,
@@ -120,9 +130,10 @@ def test_killed_launcher_resumes_without_losing_or_repeating_trials(tmp_path: Pa
     finished_before = set(results.load(str(tmp_path / "killed"))[0]["trial_id"])
     assert 1 <= len(finished_before) < 3
 
-    resumed = subprocess.run([sys.executable, "-m", "study.launch", "--resume", str(tmp_path / "killed")],
-                             env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([sys.executable, "-m", "study.launch", "--resume", str(tmp_path / "killed"),
+                              "--no-report"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "no analysis report (--no-report)" in resumed.stdout and not (tmp_path / "killed" / "report").exists()
     trials, epochs = results.load(str(tmp_path / "killed"))
     assert len(trials) == 3 and trials["trial_id"].is_unique
     assert finished_before <= set(trials["trial_id"])
@@ -137,16 +148,20 @@ def test_killed_launcher_resumes_without_losing_or_repeating_trials(tmp_path: Pa
 
 @needs_data
 @pytest.mark.timeout(900)
-def test_in_process_trials_equal_ray_train_trials_and_reruns_repeat(tmp_path: Path) -> None:
+def test_in_process_trials_equal_ray_train_trials_and_reruns_repeat(tmp_path: Path, shared_cluster: str) -> None:
     # Three studies with one seed: in-process trials, the same again, and TorchTrainer trials. The searcher must
     # sample the same configurations and every run must produce the same numbers (CPU, one thread per trial).
     outcome = {}
     for name, mode in (("a", "in_process"), ("b", "in_process"), ("c", "ray_train")):
         # One trial per study keeps this test short; the killed-trial tests compare two more studies the same way.
-        study = StudyConfig(name=name, storage_path=str(tmp_path), num_trials=1, trial_mode=mode, **SMOKE)
-        run_study(study)
+        study = StudyConfig(name=name, storage_path=str(tmp_path), num_trials=1, trial_mode=mode, baselines=False,
+                            address=shared_cluster, **SMOKE)
+        run_study(study, report=False)
         trials, epochs = results.load(study.study_dir)
         assert set(trials["status"]) == {"completed"} and len(epochs) == 2
+        # Without baselines and report: no baselines computed or stored, no report folder.
+        assert trials[BASELINE_COLUMNS].isna().all().all()
+        assert not (tmp_path / name / BASELINES_FILE).exists() and not (tmp_path / name / "report").exists()
         order = trials.sort_values(["method", "temperature"])["trial_id"].tolist()
         rank = {trial_id: i for i, trial_id in enumerate(order)}
         trials = trials.assign(trial=trials["trial_id"].map(rank)).sort_values("trial").reset_index(drop=True)
