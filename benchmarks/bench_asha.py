@@ -1,6 +1,6 @@
 """Does early stopping pay? The default study with ASHA and the same study without early stopping.
 
-Both studies are ``python -m study.launch``'s defaults (space ``contrastive``, 12 trials, 6 epochs on 2,048
+Both studies are ``python -m study.launch``'s defaults (space ``contrastive``, 24 trials, 6 epochs on 2,048
 Fashion-MNIST images, ASHA rungs at epochs 1 and 3 (reduction factor 3), TPE with seed 0), run one after the
 other through ``study.launch.run_study``; only
 ``scheduler`` differs. TPE samples its first trials at random, so the studies start from the same configurations
@@ -12,7 +12,7 @@ target (issue #7): ASHA within 1 point of the no-early-stopping study at no more
 
 The two study folders are kept (default ``studies/bench-asha-*``): analyse them with ``python -m study.analyze``.
 
-Run (about 25-30 minutes on 2 cores; the study without early stopping is most of it):
+Run (about 70-80 minutes on 2 cores; the study without early stopping is most of it):
 
     .venv/bin/python benchmarks/bench_asha.py
     .venv/bin/python benchmarks/bench_asha.py --storage-path /tmp/asha --epochs 2     # a smaller variant

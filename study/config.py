@@ -46,7 +46,7 @@ class StudyConfig(ConfigMixin):
     test_subset: int = _f(5000, "test images (0 = all); reported, never tuned on")
     monitor_bank_size: int = _f(2000, "per-epoch kNN monitor (ASHA's signal): labeled training images in its bank")
     monitor_query_size: int = _f(500, "per-epoch kNN monitor: validation images it classifies")
-    num_trials: int = _f(12, "trials (configurations) to run; with grid search, the number of grid points")
+    num_trials: int = _f(24, "trials (configurations) to run; with grid search, the number of grid points")
     replicates: int = _f(1, "seeds per configuration (1 = one seed); the searcher sees their mean")
     workers_per_trial: int = _f(1, "Ray Train workers per trial (data-parallel)")
     cpus_per_worker: float = _f(0.0, "CPUs per Ray Train worker (torch uses that many threads); 0 = all the "

@@ -1,6 +1,6 @@
 """``python -m study.launch``: a hyperparameter study of SimCLR/MoCo with Ray Tune + Optuna, results in Parquet.
 
-With no arguments: the default study (space ``contrastive``: both methods, 12 trials, up to 6 epochs on 2,048
+With no arguments: the default study (space ``contrastive``: both methods, 24 trials, up to 6 epochs on 2,048
 Fashion-MNIST images each, ASHA on the per-epoch kNN monitor with rungs at epochs 1 and 3), on a local Ray cluster
 whose dashboard listens on 127.0.0.1 (its URL is printed). Every field of StudyConfig is a flag (``--help``);
 ``--config FILE`` reads them from YAML or TOML first. ``--resume <study dir>`` continues an interrupted study:
