@@ -40,6 +40,7 @@ from trainers.loop import CheckpointError, Trainer
 
 CONFIG_FILE = "study_config.json"
 BASELINES_FILE = "baselines.json"
+MONITOR_METRIC = "knn_monitor_accuracy"  # ASHA's signal: reported by every trial after each epoch
 TRIAL_DRIVER_CPU = 0.01  # a trial's own function only waits on its TorchTrainer
 
 
@@ -291,6 +292,20 @@ def best_table(study_dir: str, top: int = 10) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
+def make_scheduler(study: StudyConfig) -> ASHAScheduler | None:
+    """The study's early stopping: ASHA on the per-epoch kNN monitor, or ``None`` (every trial runs to the end).
+
+    Rungs at grace x factor^k epochs; ``stop_last_trials=False`` so that a trial that reaches the last epoch is
+    never stopped before its final probe evaluation. ``study.replay`` drives the same scheduler over a recorded
+    study to ask what it would have stopped.
+    """
+    if study.scheduler != "asha":
+        return None
+    return ASHAScheduler(time_attr="epoch", metric=MONITOR_METRIC, mode="max", max_t=study.epochs,
+                         grace_period=study.grace_epochs, reduction_factor=study.reduction_factor,
+                         stop_last_trials=False)
+
+
 def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: bool = False,
               report: bool = True) -> str:
     """Everything after validation: folder, Ray, baselines, the Tuner (fresh or restored), the best trials, and
@@ -319,16 +334,9 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True, restart_errored=False)
         else:
-            # Rungs at grace x factor^k epochs; stop_last_trials=False so a trial that reaches the last epoch
-            # is never stopped before its final probe evaluation.
-            scheduler = (ASHAScheduler(time_attr="epoch", metric="knn_monitor_accuracy", mode="max",
-                                       max_t=study.epochs, grace_period=study.grace_epochs,
-                                       reduction_factor=study.reduction_factor,
-                                       stop_last_trials=False)
-                         if study.scheduler == "asha" else None)
             tuner = tune.Tuner(
                 trainable,
-                tune_config=tune.TuneConfig(search_alg=make_searcher(study, space), scheduler=scheduler,
+                tune_config=tune.TuneConfig(search_alg=make_searcher(study, space), scheduler=make_scheduler(study),
                                             num_samples=study.num_trials, max_concurrent_trials=concurrency(study),
                                             # In-process trials: the next trial runs in the finished trial's
                                             # process (torch imported, dataset cached), not in a new actor.
