@@ -10,6 +10,10 @@ Reported for each: the best validation linear-probe accuracy (the objective), it
 (sum over trials of wall time x CPUs per worker, from the rows) and the study's wall time; and the ratios. The
 target (issue #7): ASHA within 1 point of the no-early-stopping study at no more than half its compute.
 
+Last, the same ASHA scheduler is replayed on the no-early-stopping study's recorded curves (``study.replay``), in
+the recorded order and in 1,000 random orders: asynchronous ASHA's savings depend on the order trials arrive in,
+and the replay shows where this run's order falls.
+
 The two study folders are kept (default ``studies/bench-asha-*``): analyse them with ``python -m study.analyze``.
 
 Run (about 70-80 minutes on 2 cores; the study without early stopping is most of it):
@@ -25,7 +29,7 @@ import time
 
 import _common
 
-from study import results, storage
+from study import replay, results, storage
 from study.config import StudyConfig
 from study.launch import BASELINES_FILE, compute_baselines, run_study
 
@@ -53,13 +57,14 @@ def main() -> None:
     start = time.perf_counter()
     baselines = compute_baselines(StudyConfig.from_dict(base.to_dict() | {"name": "bench-asha-baselines"}))
     baseline_s = time.perf_counter() - start
-    measured = {}
+    measured, study_dirs = {}, {}
     for scheduler in ("asha", "none"):
         study = StudyConfig.from_dict(base.to_dict() | {"name": f"bench-asha-{scheduler}", "scheduler": scheduler})
         storage.write_json(storage.join(study.study_dir, BASELINES_FILE), baselines)
         start = time.perf_counter()
         run_study(study)
         measured[scheduler] = summary(study.study_dir, time.perf_counter() - start)
+        study_dirs[scheduler] = study.study_dir
     print(f"\n{_common.machine_note()}")
     print(f"default study ({base.num_trials} trials, {base.epochs} epochs on {base.pretrain_subset} images, TPE seed "
           f"{base.seed}); baselines computed once beforehand in {baseline_s:.0f} s and shared\n")
@@ -77,6 +82,10 @@ def main() -> None:
     print("(compute and wall time are seconds measured on a shared machine; the epoch and evaluation counts are "
           "what early stopping saved independently of its speed: compare the mean epoch times before trusting the "
           "first two)")
+    # Asynchronous ASHA's savings depend on the order trials arrive in; the same scheduler replayed on the
+    # no-early-stopping study's curves shows where this run's order falls (study/replay.py).
+    print("\nReplay of the same ASHA on the no-early-stopping study's recorded curves (python -m study.replay):")
+    replay.main([study_dirs["none"], "--orders", "1000"])
 
 
 if __name__ == "__main__":
