@@ -20,6 +20,7 @@ Run (about 70-80 minutes on 2 cores; the study without early stopping is most of
 
     .venv/bin/python benchmarks/bench_asha.py
     .venv/bin/python benchmarks/bench_asha.py --storage-path /tmp/asha --epochs 2     # a smaller variant
+    .venv/bin/python benchmarks/bench_asha.py --storage-path studies/asha-seed1 --seed 1   # another draw
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def main() -> None:
     parser.add_argument("--storage-path", default="studies")
     parser.add_argument("--epochs", type=int, default=StudyConfig().epochs)
     parser.add_argument("--num-trials", type=int, default=StudyConfig().num_trials)
+    parser.add_argument("--seed", type=int, default=StudyConfig().seed,
+                        help="the studies' seed (searcher and training); another seed is another draw of trial order")
     args = parser.parse_args()
-    base = StudyConfig(storage_path=args.storage_path, epochs=args.epochs, num_trials=args.num_trials)
+    base = StudyConfig(storage_path=args.storage_path, epochs=args.epochs, num_trials=args.num_trials, seed=args.seed)
     start = time.perf_counter()
     baselines = compute_baselines(StudyConfig.from_dict(base.to_dict() | {"name": "bench-asha-baselines"}))
     baseline_s = time.perf_counter() - start
