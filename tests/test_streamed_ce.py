@@ -151,14 +151,16 @@ def test_extreme_temperatures_in_float32_match_float64(tiny_tiles: None, tempera
 
 
 @pytest.mark.parametrize("beta", [39.0, 40.0, 41.0, 200.0])
-def test_every_logit_at_its_lowest_is_exact(beta: float) -> None:
-    """All logits -beta (positive and negatives opposite the query): the loss is log(K + 1) exactly, on both
-    sides of the switch from the fixed shift (beta <= 40) to per-tile maxima."""
+@pytest.mark.parametrize("side", [-1.0, 1.0])
+def test_every_logit_at_an_extreme_is_exact(beta: float, side: float) -> None:
+    """All logits -beta (keys opposite the query) or all +beta (keys equal to it): the loss is log(K + 1) exactly,
+    on both sides of the switch from unshifted logits (beta <= 40: the smallest must not underflow, the sum of the
+    largest must not overflow) to per-tile maxima."""
     q = torch.tensor([[1.0, 0.0, 0.0]])
-    opposite = -q
-    negatives = opposite.repeat(50, 1)
-    loss = info_nce(q, opposite, negatives, temperature=1 / beta)
-    assert loss.item() == pytest.approx(math.log(51), rel=1e-5)
+    keys = side * q
+    negatives = keys.repeat(5000, 1)
+    loss = info_nce(q, keys, negatives, temperature=1 / beta)
+    assert loss.item() == pytest.approx(math.log(5001), rel=1e-5)
 
 
 def test_zero_vector_gradient_follows_f_normalize() -> None:

@@ -10,7 +10,8 @@ row (MoCo: ``positive_keys``). This is what ``F.cross_entropy`` on the full logi
 makes it cost little more than the matrix products it needs (benchmarks/bench_loss.py measures both):
 
 * Forward: the logits are produced in tiles small enough to stay in a core's cache, and each tile is turned into
-  ``exp(S - m)`` in place with its own row maxima ``m``, right after its matrix product. The logits are written
+  ``exp(S - m)`` in place right after its matrix product (``m = 0`` unless the temperature is tiny, see
+  ``_exp_logits``). The logits are written
   to memory once, already exponentiated; no separate softmax, mask or log-probability matrix is made.
 * The stored tiles are the softmax up to one scale per (row, column block), so the backward is two matrix
   products with them (``dA = P @ B``, ``dB = P^T @ A``), rows scaled on the small (n, D) side. The "minus one at
@@ -38,8 +39,9 @@ BLOCK_COLUMNS = 4096
 NORM_EPS = 1e-12  # as F.normalize
 
 _LOWEST = {dtype: torch.finfo(dtype).min for dtype in (torch.float32, torch.float64)}
-# Largest beta for which exp(-2 beta) stays a normal float: a fixed shift of beta then loses no precision.
-_SAFE_SHIFT = {torch.float32: 40.0, torch.float64: 300.0}
+# Largest beta for which exp(-beta) and exp(beta) x (a billion columns) are normal floats: exp of the unshifted
+# logits then loses no precision and cannot overflow.
+_SAFE_UNSHIFTED = {torch.float32: 40.0, torch.float64: 300.0}
 ExcludedRuns = tuple[tuple[int, int, int], ...]  # (row_start, row_stop, column - row): one excluded logit per row
 
 
@@ -67,16 +69,18 @@ def _mask_runs(tile: Tensor, rows: tuple[int, int], columns: tuple[int, int], ex
 
 def _exp_logits(
     rows: Tensor, columns: Tensor, columns_inv_norm: Tensor | None, excluded: ExcludedRuns, keep: bool, beta: float
-) -> tuple[list[Tensor], Tensor, Tensor]:
-    """Tile-wise ``E = exp(rows @ unit(columns).T - m)`` with ``m`` the maximum of each row within each column block.
+) -> tuple[list[Tensor], Tensor | None, Tensor]:
+    """Tile-wise ``E = exp(rows @ unit(columns).T - m)``, ``m`` per row and column block (0 or the block's maximum).
 
     ``columns`` are normalised one block at a time, while the block is in cache, and their inverse norms written
     to ``columns_inv_norm`` (``None``: the columns are unit vectors already). Returns the column blocks of ``E``
-    (``(R, width)`` each; none when ``keep`` is false), and the per-block row maxima and row sums, ``(blocks, R)``.
+    (``(R, width)`` each; none when ``keep`` is false), the per-block row maxima (``None`` when unshifted) and the
+    per-block row sums, ``(blocks, R)``.
 
-    Unit vectors bound every logit by ``beta``. While ``exp(-2 beta)`` is still a normal float (beta <= 40 in
-    float32, tau >= 0.025), ``m = beta`` is as good as the true maximum (every term keeps full relative
-    precision, none overflows) and saves a pass over each tile; beyond that the true tile maxima are used.
+    Unit vectors bound every logit to ``[-beta, beta]``. While ``exp(-beta)`` and ``exp(beta)`` times the number
+    of columns are normal floats (beta <= 40 in float32, tau >= 0.025), ``m = 0`` is as good as the true maximum
+    (every term keeps full relative precision, none overflows, the sums cannot overflow) and the tile needs no
+    pass but ``exp``; beyond that the true tile maxima are subtracted first.
     """
     num_rows, num_columns = rows.shape[0], columns.shape[0]
     width = min(num_columns, BLOCK_COLUMNS)
@@ -85,8 +89,8 @@ def _exp_logits(
         tile_rows = max(1, TILE_BYTES_PER_THREAD * torch.get_num_threads() // (width * rows.element_size()))
     else:  # accelerators: fewer, larger kernels beat cache-sized tiles
         tile_rows = num_rows
-    fixed_shift = beta <= _SAFE_SHIFT[rows.dtype]
-    maxima = rows.new_full((len(starts), num_rows), beta) if fixed_shift else rows.new_empty(len(starts), num_rows)
+    unshifted = beta <= _SAFE_UNSHIFTED[rows.dtype]
+    maxima = None if unshifted else rows.new_empty(len(starts), num_rows)
     sums = rows.new_empty(len(starts), num_rows)
     blocks: list[Tensor] = []
     scratch = None if keep else rows.new_empty(min(tile_rows, num_rows) * width)
@@ -101,8 +105,8 @@ def _exp_logits(
             tile = block[r0:r1] if block is not None else scratch[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
             torch.mm(rows[r0:r1], block_columns.T, out=tile)
             _mask_runs(tile, (r0, r1), (c0, c1), excluded)
-            if fixed_shift:
-                tile.sub_(beta).exp_()
+            if maxima is None:
+                tile.exp_()
             else:
                 row_max = torch.amax(tile, dim=1, out=maxima[j, r0:r1])
                 tile.sub_(row_max[:, None]).exp_()
@@ -141,10 +145,16 @@ class _ContrastiveCrossEntropy(torch.autograd.Function):
             unit_columns = columns if columns_inv is None else columns * columns_inv
             k = unit_columns.index_select(0, positive_index)
         positive = (scaled * k).sum(dim=1)
-        log_terms = maxima + sums.log()  # (blocks, R): log of each block's share of the partition sum
-        if positive_keys is not None:
-            log_terms = torch.cat([log_terms, positive[None]])
-        log_partition = torch.logsumexp(log_terms, dim=0)
+        if maxima is None:  # unshifted: the partition sum itself is a normal float (see _exp_logits)
+            partition = sums[0] if sums.shape[0] == 1 else sums.sum(dim=0)
+            if positive_keys is not None:
+                partition = partition + positive.exp()
+            log_partition = partition.log()
+        else:
+            log_terms = maxima + sums.log()  # (blocks, R): log of each block's share of the partition sum
+            if positive_keys is not None:
+                log_terms = torch.cat([log_terms, positive[None]])
+            log_partition = torch.logsumexp(log_terms, dim=0)
         loss = (log_partition - positive).mean()
         if keep:
             ctx.save_for_backward(a, a_inv, scaled, columns, columns_inv, k, k_inv, positive_index, positive,
@@ -164,21 +174,32 @@ class _ContrastiveCrossEntropy(torch.autograd.Function):
         need_queries, need_candidates, need_keys = ctx.needs_input_grad[:3]
         shared = ctx.shared  # SimCLR on one process: the candidates are the queries
         scale = float(grad_loss) / a.shape[0]
-        # P = E * exp(m - log Z) per (row, block): the softmax, with the loss gradient's 1/R folded in.
-        weights = (maxima - log_partition).exp_().mul_(scale)  # (blocks, R)
+        # P = E * exp(m - log Z) per (row, block): the softmax, with the loss gradient's 1/R folded in. Unshifted
+        # (m = 0) every block of a row has the same weight: it is applied once, after the sum over blocks.
+        if maxima is None:
+            row_weight = (-log_partition).exp_().mul_(scale)[:, None]  # (R, 1)
+            weights = [None] * len(blocks)
+        else:
+            weights = (maxima - log_partition).exp_().mul_(scale)[:, :, None]  # (blocks, R, 1)
         need_b = need_candidates or shared
         unit_columns = columns if columns_inv is None else (columns * columns_inv if need_b else None)
         grad_scaled = torch.zeros_like(a)
         grad_b = torch.zeros_like(columns) if need_b else None
+        weighted_rows = scaled * row_weight if grad_b is not None and maxima is None else None
         start = 0
         for block, weight in zip(blocks, weights):
             stop = start + block.shape[1]
             block_columns = unit_columns[start:stop] if unit_columns is not None else (
                 columns[start:stop] * columns_inv[start:stop])
-            grad_scaled.addcmul_(block @ block_columns, weight[:, None])
+            if weight is None:
+                grad_scaled.addmm_(block, block_columns)
+            else:
+                grad_scaled.addcmul_(block @ block_columns, weight)
             if grad_b is not None:
-                torch.mm(block.T, scaled * weight[:, None], out=grad_b[start:stop])
+                torch.mm(block.T, weighted_rows if weight is None else scaled * weight, out=grad_b[start:stop])
             start = stop
+        if maxima is None:
+            grad_scaled.mul_(row_weight)
         grad_k = None
         if positive_index is None:  # MoCo's extra positive column: its softmax weight minus one
             coefficient = (positive - log_partition).exp_().sub_(1).mul_(scale)[:, None]
