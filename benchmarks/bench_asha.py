@@ -16,7 +16,7 @@ and the replay shows where this run's order falls.
 
 The two study folders are kept (default ``studies/bench-asha-*``): analyse them with ``python -m study.analyze``.
 
-Run (about 70-80 minutes on 2 cores; the study without early stopping is most of it):
+Run (about 55 minutes on 2 cores; the study without early stopping is most of it):
 
     .venv/bin/python benchmarks/bench_asha.py
     .venv/bin/python benchmarks/bench_asha.py --storage-path /tmp/asha --epochs 2     # a smaller variant
