@@ -91,9 +91,10 @@ def load_curves(study_dir: str) -> tuple[StudyConfig, list[Curve]]:
     seeds = epochs.groupby("trial_id")["seed"].nunique()
     if (seeds > 1).any():
         raise ValueError(f"{study_dir}: trials with several seeds (replicates > 1) are not supported by the replay")
+    per_trial = dict(tuple(epochs.sort_values("epoch").groupby("trial_id")))  # one pass, not one filter per trial
     curves = []
     for row in trials.sort_values("started_at").itertuples(index=False):
-        own = epochs[epochs["trial_id"] == row.trial_id].sort_values("epoch")
+        own = per_trial.get(row.trial_id, epochs.iloc[:0])
         if own["epoch"].tolist() != list(range(1, int(row.epochs) + 1)) or own[MONITOR_METRIC].isna().any():
             raise ValueError(f"{study_dir}: trial {row.trial_id} lacks the monitor of some epochs")
         cpus = float(row.workers) * float(row.cpus_per_worker)
