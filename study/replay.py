@@ -16,8 +16,9 @@ and with a few trials every best-so-far trial does. One study's ratio is one dra
 runs the recorded order and many random orders of the same trials, and prints how the compute ratio and the best
 objective among the trials that would have finished are distributed.
 
-Not captured: the searcher. In a real ASHA study Optuna learns only from finished trials, so its later
-configurations differ from the recorded ones (``benchmarks/bench_asha.py`` runs both studies for real).
+Not captured: the searcher. In a real ASHA study Optuna is told each stopped trial as pruned, and TPE ranks pruned
+trials below every finished one (its "good" group is the best finished trials), so the searcher's history and its
+later configurations differ from the recorded ones (``benchmarks/bench_asha.py`` runs both studies for real).
 
     python -m study.replay studies/asha-v4/bench-asha-none
     python -m study.replay studies/asha-v4/bench-asha-none --reduction-factor 4 --orders 2000
