@@ -90,6 +90,33 @@ def test_shared_candidates_is_nt_xent_and_gradchecks(tiny_tiles: None) -> None:
     assert torch.autograd.gradcheck(lambda a, b: nt_xent(a, b, temperature=0.3), (z1, z2))
 
 
+@pytest.mark.parametrize("beta", [2.0, 299.0, 301.0])
+def test_shared_gradients_on_both_sides_of_the_shift_switch(tiny_tiles: None, beta: float) -> None:
+    """One process's SimCLR: unshifted (beta <= 300 in float64) the backward uses E = E^T and one product per block;
+    with per-tile maxima the stored blocks are not symmetric and it takes the general two-product path. Both must
+    give the reference's gradients, with a positive pairing that is not its own inverse."""
+    torch.manual_seed(11)
+    x = (0.2 * torch.randn(12, 5, dtype=torch.float64)).requires_grad_()
+    positive_index = torch.roll(torch.arange(12), 5)  # r -> r - 5 mod 12: a cycle, not pairs
+    excluded = ((0, 12, 0),)
+    ours = contrastive_cross_entropy(x, None, beta=beta, positive_index=positive_index, excluded=excluded)
+    ref = reference(x, None, beta, positive_index=positive_index, excluded=excluded)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-10)
+    torch.testing.assert_close(_grads(ours, [x])[0], _grads(ref, [x])[0], rtol=1e-9, atol=1e-12)
+
+
+def test_shared_with_an_off_diagonal_exclusion_is_not_taken_as_symmetric(tiny_tiles: None) -> None:
+    """Excluding logit (r, r + 1) makes E asymmetric: the one-product backward would be wrong here."""
+    torch.manual_seed(12)
+    x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    positive_index = torch.tensor([3, 4, 5, 6, 7, 8, 0, 1, 2])
+    excluded = ((0, 9, 0), (0, 8, 1))
+    ours = contrastive_cross_entropy(x, None, beta=2.5, positive_index=positive_index, excluded=excluded)
+    ref = reference(x, None, 2.5, positive_index=positive_index, excluded=excluded)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
+    torch.testing.assert_close(_grads(ours, [x])[0], _grads(ref, [x])[0], rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("unit", [False, True])
 def test_moco_layout_every_input_with_gradient(tiny_tiles: None, unit: bool) -> None:
     """Queries, positive keys and negatives all carrying gradients (MoCo's keys and queue normally do not)."""

@@ -14,7 +14,8 @@ makes it cost little more than the matrix products it needs (benchmarks/bench_lo
   ``_exp_logits``). The logits are written
   to memory once, already exponentiated; no separate softmax, mask or log-probability matrix is made.
 * The stored tiles are the softmax up to one scale per (row, column block), so the backward is two matrix
-  products with them (``dA = P @ B``, ``dB = P^T @ A``), rows scaled on the small (n, D) side. The "minus one at
+  products with them (``dA = P @ B``, ``dB = P^T @ A``), rows scaled on the small (n, D) side. On one process's
+  SimCLR the exponentiated logits are symmetric and both are one product, ``E @ [A | w A]``. The "minus one at
   the positive" of the cross-entropy gradient is a gather on that side too, and so is the L2 normalisation.
 * Without a gradient nothing is stored: one scratch tile is reused.
 
@@ -116,6 +117,77 @@ def _exp_logits(
     return blocks, maxima, sums
 
 
+def _sum_of_products(blocks: list[Tensor], right: Tensor) -> Tensor:
+    """``sum_j blocks[j] @ right[columns of block j]``: the stored column blocks of E times ``right`` (C, W)."""
+    out, start = None, 0
+    for block in blocks:
+        stop = start + block.shape[1]
+        out = torch.mm(block, right[start:stop]) if out is None else out.addmm_(block, right[start:stop])
+        start = stop
+    return out
+
+
+def _rows_and_columns_gradients(
+    blocks: list[Tensor],
+    weights: Tensor | None,
+    scaled: Tensor,
+    row_weight: Tensor | None,
+    unit_columns: Tensor | None,
+    columns: Tensor,
+    columns_inv: Tensor | None,
+    need_columns: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``(P @ B, P^T @ rows)`` from the stored blocks, ``P`` the softmax with its row weights (one per row when
+    ``weights`` is None, one per (block, row) otherwise); the second is ``None`` unless ``need_columns``."""
+    grad_rows = torch.zeros_like(scaled)
+    grad_columns = torch.empty_like(columns) if need_columns else None
+    weighted_rows = scaled * row_weight if need_columns and weights is None else None
+    start = 0
+    for j, block in enumerate(blocks):
+        stop = start + block.shape[1]
+        block_columns = unit_columns[start:stop] if unit_columns is not None else (
+            columns[start:stop] * columns_inv[start:stop])
+        if weights is None:
+            grad_rows.addmm_(block, block_columns)
+        else:
+            grad_rows.addcmul_(block @ block_columns, weights[j])
+        if grad_columns is not None:
+            torch.mm(block.T, weighted_rows if weights is None else scaled * weights[j], out=grad_columns[start:stop])
+        start = stop
+    if weights is None:
+        grad_rows.mul_(row_weight)
+    return grad_rows, grad_columns
+
+
+def _symmetric_gradient(
+    blocks: list[Tensor],
+    a: Tensor,
+    scaled: Tensor,
+    row_weight: Tensor,
+    positive_rows: Tensor,
+    positive_index: Tensor,
+    scale: float,
+    beta: float,
+) -> Tensor:
+    """Gradient of the loss with respect to the unit rows ``a`` when the candidates are the rows themselves and
+    the stored ``E`` is symmetric (one process's SimCLR: the same vectors on both sides, only diagonal logits
+    excluded, no shift). With ``P = w * E`` (``w = row_weight``) the row side is
+    ``beta * (P @ a - scale * positive_rows)`` (``positive_rows = a[positive_index]``) and the column side is
+    ``P^T @ scaled`` minus ``scale`` times each row's ``scaled`` at its positive's column.
+
+    ``E = E^T`` turns the column side's ``E^T (w * scaled)`` into ``E (w * scaled)``, so both sides are one product
+    of the stored blocks with ``[a | w * scaled]`` (R, 2D) instead of two (and the transposed one is the slower).
+    """
+    width = a.shape[1]
+    row_factor = row_weight * beta
+    both = a.new_empty(a.shape[0], 2 * width)
+    both[:, :width] = a
+    torch.mul(a, row_factor, out=both[:, width:])  # w * scaled, as scaled = beta * a
+    products = _sum_of_products(blocks, both)
+    grad = products[:, width:].index_add_(0, positive_index, scaled, alpha=-scale)  # the column side
+    return torch.addcmul(grad, products[:, :width], row_factor).sub_(positive_rows, alpha=scale * beta)
+
+
 class _ContrastiveCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -161,6 +233,7 @@ class _ContrastiveCrossEntropy(torch.autograd.Function):
                                   maxima, log_partition, *blocks)
             ctx.beta = beta
             ctx.shared = candidates is None
+            ctx.symmetric = ctx.shared and maxima is None and all(shift == 0 for _, _, shift in excluded)
             ctx.dtypes = (queries.dtype, None if candidates is None else candidates.dtype,
                           None if positive_keys is None else positive_keys.dtype)
         return loss
@@ -177,29 +250,16 @@ class _ContrastiveCrossEntropy(torch.autograd.Function):
         # P = E * exp(m - log Z) per (row, block): the softmax, with the loss gradient's 1/R folded in. Unshifted
         # (m = 0) every block of a row has the same weight: it is applied once, after the sum over blocks.
         if maxima is None:
-            row_weight = (-log_partition).exp_().mul_(scale)[:, None]  # (R, 1)
-            weights = [None] * len(blocks)
+            row_weight, weights = (-log_partition).exp_().mul_(scale)[:, None], None  # (R, 1)
         else:
-            weights = (maxima - log_partition).exp_().mul_(scale)[:, :, None]  # (blocks, R, 1)
+            row_weight, weights = None, (maxima - log_partition).exp_().mul_(scale)[:, :, None]  # (blocks, R, 1)
+        if ctx.symmetric:  # one process's SimCLR, unshifted: only the queries have a gradient
+            grad_a = _symmetric_gradient(blocks, a, scaled, row_weight, k, positive_index, scale, ctx.beta)
+            return _unit_backward(a, a_inv, grad_a).to(ctx.dtypes[0]), None, None, None, None, None, None
         need_b = need_candidates or shared
         unit_columns = columns if columns_inv is None else (columns * columns_inv if need_b else None)
-        grad_scaled = torch.zeros_like(a)
-        grad_b = torch.zeros_like(columns) if need_b else None
-        weighted_rows = scaled * row_weight if grad_b is not None and maxima is None else None
-        start = 0
-        for block, weight in zip(blocks, weights):
-            stop = start + block.shape[1]
-            block_columns = unit_columns[start:stop] if unit_columns is not None else (
-                columns[start:stop] * columns_inv[start:stop])
-            if weight is None:
-                grad_scaled.addmm_(block, block_columns)
-            else:
-                grad_scaled.addcmul_(block @ block_columns, weight)
-            if grad_b is not None:
-                torch.mm(block.T, weighted_rows if weight is None else scaled * weight, out=grad_b[start:stop])
-            start = stop
-        if maxima is None:
-            grad_scaled.mul_(row_weight)
+        grad_scaled, grad_b = _rows_and_columns_gradients(blocks, weights, scaled, row_weight, unit_columns, columns,
+                                                          columns_inv, need_b)
         grad_k = None
         if positive_index is None:  # MoCo's extra positive column: its softmax weight minus one
             coefficient = (positive - log_partition).exp_().sub_(1).mul_(scale)[:, None]
