@@ -45,7 +45,28 @@ def summary(study_dir: str, wall: float) -> dict[str, float]:
             "compute_h": compute_h, "wall_min": wall / 60,
             # Counts, not seconds: what early stopping saved whatever the machine's speed was during each study.
             "epochs": len(epochs), "evaluations": int(completed["evaluation_time_s"].notna().sum()),
-            "epoch_s": float(epochs["epoch_time_s"].mean())}
+            "epoch_s": float(epochs["epoch_time_s"].mean()),
+            # Seconds inside trials, split by kind, for equal_speed_ratio.
+            "epochs_total_s": float((epochs["epoch_time_s"] + epochs["monitor_time_s"].fillna(0.0)).sum()),
+            "evaluations_total_s": float(trials["evaluation_time_s"].fillna(0.0).sum()),
+            "trials_total_s": float(trials["wall_time_s"].sum())}
+
+
+def equal_speed_ratio(asha: dict[str, float], none: dict[str, float]) -> float:
+    """ASHA / none compute if both studies had run at the same speed: each study's epochs (training + monitor)
+    and final evaluations costed at the two studies' pooled mean seconds per epoch and per evaluation, plus its own
+    remaining trial time (start-up, reporting). Both studies give every trial the same CPUs, so trial seconds
+    compare as CPU-seconds do. A miss here is early stopping's; a miss only in the measured ratio is the machine's
+    speed differing between the two studies (they run one after the other)."""
+    kinds = ("epochs", "evaluations")
+    pooled = {kind: (asha[f"{kind}_total_s"] + none[f"{kind}_total_s"]) / max(asha[kind] + none[kind], 1)
+              for kind in kinds}
+
+    def cost(m: dict[str, float]) -> float:
+        other = m["trials_total_s"] - sum(m[f"{kind}_total_s"] for kind in kinds)
+        return sum(m[kind] * pooled[kind] for kind in kinds) + other
+
+    return cost(asha) / cost(none)
 
 
 def main() -> None:
@@ -82,6 +103,8 @@ def main() -> None:
           f"ASHA compute / none compute: {asha['compute_h'] / none['compute_h']:.2f}; "
           f"wall time ratio: {asha['wall_min'] / none['wall_min']:.2f}; epochs trained: "
           f"{asha['epochs'] / none['epochs']:.2f}; final evaluations: {asha['evaluations'] / none['evaluations']:.2f}")
+    print(f"ASHA compute / none compute at equal speed (epochs and evaluations at both studies' pooled mean times): "
+          f"{equal_speed_ratio(asha, none):.2f}")
     print("(compute and wall time are seconds measured on a shared machine; the epoch and evaluation counts are "
           "what early stopping saved independently of its speed: compare the mean epoch times before trusting the "
           "first two)")
