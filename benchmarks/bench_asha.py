@@ -29,6 +29,7 @@ import argparse
 import time
 
 import _common
+import pandas as pd
 
 from study import replay, results, storage
 from study.config import StudyConfig
@@ -45,28 +46,28 @@ def summary(study_dir: str, wall: float) -> dict[str, float]:
             "compute_h": compute_h, "wall_min": wall / 60,
             # Counts, not seconds: what early stopping saved whatever the machine's speed was during each study.
             "epochs": len(epochs), "evaluations": int(completed["evaluation_time_s"].notna().sum()),
-            "epoch_s": float(epochs["epoch_time_s"].mean()),
-            # Seconds inside trials, split by kind, for equal_speed_ratio.
-            "epochs_total_s": float((epochs["epoch_time_s"] + epochs["monitor_time_s"].fillna(0.0)).sum()),
-            "evaluations_total_s": float(trials["evaluation_time_s"].fillna(0.0).sum()),
-            "trials_total_s": float(trials["wall_time_s"].sum())}
+            "epoch_s": float(epochs["epoch_time_s"].mean())}
 
 
-def equal_speed_ratio(asha: dict[str, float], none: dict[str, float]) -> float:
-    """ASHA / none compute if both studies had run at the same speed: each study's epochs (training + monitor)
-    and final evaluations costed at the two studies' pooled mean seconds per epoch and per evaluation, plus its own
-    remaining trial time (start-up, reporting). Both studies give every trial the same CPUs, so trial seconds
-    compare as CPU-seconds do. A miss here is early stopping's; a miss only in the measured ratio is the machine's
-    speed differing between the two studies (they run one after the other)."""
-    kinds = ("epochs", "evaluations")
-    pooled = {kind: (asha[f"{kind}_total_s"] + none[f"{kind}_total_s"]) / max(asha[kind] + none[kind], 1)
-              for kind in kinds}
+def machine_speed_factor(asha_dir: str, none_dir: str) -> tuple[float, int]:
+    """How much longer the same work took during the ASHA study than during the other: the median, over the epochs
+    that both studies trained with the same configuration at the same epoch index (TPE's seeded start gives both
+    studies the same first configurations, and training is deterministic), of ASHA's epoch time over none's.
+    Returns the factor (1.0: the machine ran at the same speed) and the number of such epochs.
 
-    def cost(m: dict[str, float]) -> float:
-        other = m["trials_total_s"] - sum(m[f"{kind}_total_s"] for kind in kinds)
-        return sum(m[kind] * pooled[kind] for kind in kinds) + other
-
-    return cost(asha) / cost(none)
+    The studies run one after the other, so the machine's speed can differ between them. Dividing the measured
+    compute ratio by this factor removes that and nothing else: which configurations each study trained, and so
+    how expensive its epochs were, is the searcher's doing and stays in."""
+    per_study = []
+    for study_dir in (asha_dir, none_dir):
+        trials, epochs = results.load(study_dir)
+        config = pd.util.hash_pandas_object(trials.loc[:, "method":"device"], index=False)  # its TrainConfig
+        keyed = epochs.assign(config=epochs["trial_id"].map(dict(zip(trials["trial_id"], config))))
+        per_study.append(keyed.drop_duplicates(["config", "epoch"])[["config", "epoch", "epoch_time_s"]])
+    same = per_study[0].merge(per_study[1], on=["config", "epoch"], suffixes=("_asha", "_none"))
+    if same.empty:
+        return float("nan"), 0
+    return float((same["epoch_time_s_asha"] / same["epoch_time_s_none"]).median()), len(same)
 
 
 def main() -> None:
@@ -103,8 +104,10 @@ def main() -> None:
           f"ASHA compute / none compute: {asha['compute_h'] / none['compute_h']:.2f}; "
           f"wall time ratio: {asha['wall_min'] / none['wall_min']:.2f}; epochs trained: "
           f"{asha['epochs'] / none['epochs']:.2f}; final evaluations: {asha['evaluations'] / none['evaluations']:.2f}")
-    print(f"ASHA compute / none compute at equal speed (epochs and evaluations at both studies' pooled mean times): "
-          f"{equal_speed_ratio(asha, none):.2f}")
+    factor, shared = machine_speed_factor(study_dirs["asha"], study_dirs["none"])
+    print(f"the same epochs (same configuration and epoch index, {shared} of them) took {factor:.2f}x as long in the "
+          f"ASHA study: ASHA compute / none compute at the same machine speed: "
+          f"{asha['compute_h'] / none['compute_h'] / factor:.2f}")
     print("(compute and wall time are seconds measured on a shared machine; the epoch and evaluation counts are "
           "what early stopping saved independently of its speed: compare the mean epoch times before trusting the "
           "first two)")
