@@ -8,7 +8,10 @@ and diverge once their histories differ (ASHA tells Optuna about pruned trials).
 
 Reported for each: the best validation linear-probe accuracy (the objective), its test accuracy, compute
 (sum over trials of wall time x CPUs per worker, from the rows) and the study's wall time; and the ratios. The
-target (issue #7): ASHA within 1 point of the no-early-stopping study at no more than half its compute.
+target (issue #7): ASHA within 1 point of the no-early-stopping study at no more than half its compute. The
+studies run one after the other, so the machine's speed can differ between them: the epochs that both trained
+identically (same configuration, same epoch index) give how much, and the compute ratio is also printed divided
+by that factor (``machine_speed_factor``).
 
 Last, the same ASHA scheduler is replayed on the no-early-stopping study's recorded curves (``study.replay``), in
 the recorded order and in 1,000 random orders: asynchronous ASHA's savings depend on the order trials arrive in,
