@@ -60,7 +60,8 @@ def machine_speed_factor(asha_dir: str, none_dir: str) -> tuple[float, int]:
 
     The studies run one after the other, so the machine's speed can differ between them. Dividing the measured
     compute ratio by this factor removes that and nothing else: which configurations each study trained, and so
-    how expensive its epochs were, is the searcher's doing and stays in."""
+    how expensive its epochs were, is the searcher's doing and stays in. It is a rough correction: it is measured
+    on the studies' shared first configurations only, and the speed also drifts within a study."""
     per_study = []
     for study_dir in (asha_dir, none_dir):
         trials, epochs = results.load(study_dir)
