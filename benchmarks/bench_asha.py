@@ -38,9 +38,11 @@ from study import replay, results, storage
 from study.config import StudyConfig
 from study.launch import BASELINES_FILE, compute_baselines, run_study
 
+Rows = tuple[pd.DataFrame, pd.DataFrame]  # a study's (trials, epochs), as results.load returns them
 
-def summary(study_dir: str, wall: float) -> dict[str, float]:
-    trials, epochs = results.load(study_dir)
+
+def summary(rows: Rows, wall: float) -> dict[str, float]:
+    trials, epochs = rows
     completed = trials[trials["status"] == "completed"]
     best = completed.loc[completed["objective"].idxmax()]
     compute_h = float((trials["wall_time_s"] * trials["workers"] * trials["cpus_per_worker"]).sum()) / 3600
@@ -52,7 +54,7 @@ def summary(study_dir: str, wall: float) -> dict[str, float]:
             "epoch_s": float(epochs["epoch_time_s"].mean())}
 
 
-def machine_speed_factor(asha_dir: str, none_dir: str) -> tuple[float, int]:
+def machine_speed_factor(asha: Rows, none: Rows) -> tuple[float, int]:
     """How much longer the same work took during the ASHA study than during the other: the median, over the epochs
     that both studies trained with the same configuration at the same epoch index (TPE's seeded start gives both
     studies the same first configurations, and training is deterministic), of ASHA's epoch time over none's.
@@ -63,8 +65,7 @@ def machine_speed_factor(asha_dir: str, none_dir: str) -> tuple[float, int]:
     how expensive its epochs were, is the searcher's doing and stays in. It is a rough correction: it is measured
     on the studies' shared first configurations only, and the speed also drifts within a study."""
     per_study = []
-    for study_dir in (asha_dir, none_dir):
-        trials, epochs = results.load(study_dir)
+    for trials, epochs in (asha, none):
         config = pd.util.hash_pandas_object(trials.loc[:, "method":"device"], index=False)  # its TrainConfig
         keyed = epochs.assign(config=epochs["trial_id"].map(dict(zip(trials["trial_id"], config))))
         per_study.append(keyed.drop_duplicates(["config", "epoch"])[["config", "epoch", "epoch_time_s"]])
@@ -86,13 +87,15 @@ def main() -> None:
     start = time.perf_counter()
     baselines = compute_baselines(StudyConfig.from_dict(base.to_dict() | {"name": "bench-asha-baselines"}))
     baseline_s = time.perf_counter() - start
-    measured, study_dirs = {}, {}
+    measured, study_dirs, loaded = {}, {}, {}
     for scheduler in ("asha", "none"):
         study = StudyConfig.from_dict(base.to_dict() | {"name": f"bench-asha-{scheduler}", "scheduler": scheduler})
         storage.write_json(storage.join(study.study_dir, BASELINES_FILE), baselines)
         start = time.perf_counter()
         run_study(study)
-        measured[scheduler] = summary(study.study_dir, time.perf_counter() - start)
+        wall = time.perf_counter() - start
+        loaded[scheduler] = results.load(study.study_dir)  # read once, for the summary and the speed factor
+        measured[scheduler] = summary(loaded[scheduler], wall)
         study_dirs[scheduler] = study.study_dir
     print(f"\n{_common.machine_note()}")
     print(f"default study ({base.num_trials} trials, {base.epochs} epochs on {base.pretrain_subset} images, TPE seed "
@@ -108,7 +111,7 @@ def main() -> None:
           f"ASHA compute / none compute: {asha['compute_h'] / none['compute_h']:.2f}; "
           f"wall time ratio: {asha['wall_min'] / none['wall_min']:.2f}; epochs trained: "
           f"{asha['epochs'] / none['epochs']:.2f}; final evaluations: {asha['evaluations'] / none['evaluations']:.2f}")
-    factor, shared = machine_speed_factor(study_dirs["asha"], study_dirs["none"])
+    factor, shared = machine_speed_factor(loaded["asha"], loaded["none"])
     print(f"the same epochs (same configuration and epoch index, {shared} of them) took {factor:.2f}x as long in the "
           f"ASHA study: ASHA compute / none compute at the same machine speed: "
           f"{asha['compute_h'] / none['compute_h'] / factor:.2f}")
