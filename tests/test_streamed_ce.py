@@ -24,7 +24,7 @@ def reference(
     beta: float,
     *,
     positive_keys: torch.Tensor | None = None,
-    positive_index: torch.Tensor | None = None,
+    positives: tuple[tuple[int, int, int], ...] = (),
     excluded: tuple[tuple[int, int, int], ...] = (),
     normalize_candidates: bool = True,
 ) -> torch.Tensor:
@@ -43,6 +43,10 @@ def reference(
         positive = beta * (a * F.normalize(positive_keys.double(), dim=1)).sum(1)
         logits = torch.cat([positive[:, None], logits], dim=1)
     else:
+        positive_index = torch.full((a.shape[0],), -1)
+        for start, stop, shift in positives:
+            positive_index[start:stop] = torch.arange(start, stop) + shift
+        assert (positive_index >= 0).all()
         positive = logits.gather(1, positive_index[:, None]).squeeze(1)
     return (torch.logsumexp(logits, dim=1) - positive).mean()
 
@@ -64,12 +68,10 @@ def test_simclr_layout_with_candidates_matches_reference(tiny_tiles: None, n: in
     gen = torch.Generator().manual_seed(n + offset)
     anchors = torch.randn(2 * n, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     candidates = torch.randn(2 * big_n, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    local = torch.arange(n) + offset
-    positive_index = torch.cat([local + big_n, local])
+    positives = ((0, n, offset + big_n), (n, 2 * n, offset - n))
     excluded = ((0, n, offset), (n, 2 * n, offset + big_n - n))  # 2 * big_n = 16 columns: blocks 5, 5, 5, 1
-    ours = contrastive_cross_entropy(anchors, candidates, beta=3.0, positive_index=positive_index,
-                                     excluded=excluded)
-    ref = reference(anchors, candidates, 3.0, positive_index=positive_index, excluded=excluded)
+    ours = contrastive_cross_entropy(anchors, candidates, beta=3.0, positives=positives, excluded=excluded)
+    ref = reference(anchors, candidates, 3.0, positives=positives, excluded=excluded)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
     for mine, theirs in zip(_grads(ours, [anchors, candidates]), _grads(ref, [anchors, candidates])):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
@@ -81,8 +83,7 @@ def test_shared_candidates_is_nt_xent_and_gradchecks(tiny_tiles: None) -> None:
     z2 = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
     n = 7
     ref = reference(torch.cat([z1, z2]), None, 1 / 0.3,
-                    positive_index=torch.cat([torch.arange(n, 2 * n), torch.arange(n)]),
-                    excluded=((0, 2 * n, 0),))
+                    positives=((0, n, n), (n, 2 * n, -n)), excluded=((0, 2 * n, 0),))
     ours = nt_xent(z1, z2, temperature=0.3)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
     for mine, theirs in zip(_grads(ours, [z1, z2]), _grads(ref, [z1, z2])):
@@ -97,10 +98,10 @@ def test_shared_gradients_on_both_sides_of_the_shift_switch(tiny_tiles: None, be
     give the reference's gradients, with a positive pairing that is not its own inverse."""
     torch.manual_seed(11)
     x = (0.2 * torch.randn(12, 5, dtype=torch.float64)).requires_grad_()
-    positive_index = torch.roll(torch.arange(12), 5)  # r -> r - 5 mod 12: a cycle, not pairs
+    positives = ((0, 5, 7), (5, 12, -5))  # r -> r - 5 mod 12: a cycle, not pairs
     excluded = ((0, 12, 0),)
-    ours = contrastive_cross_entropy(x, None, beta=beta, positive_index=positive_index, excluded=excluded)
-    ref = reference(x, None, beta, positive_index=positive_index, excluded=excluded)
+    ours = contrastive_cross_entropy(x, None, beta=beta, positives=positives, excluded=excluded)
+    ref = reference(x, None, beta, positives=positives, excluded=excluded)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-10)
     torch.testing.assert_close(_grads(ours, [x])[0], _grads(ref, [x])[0], rtol=1e-9, atol=1e-12)
 
@@ -109,10 +110,10 @@ def test_shared_with_an_off_diagonal_exclusion_is_not_taken_as_symmetric(tiny_ti
     """Excluding logit (r, r + 1) makes E asymmetric: the one-product backward would be wrong here."""
     torch.manual_seed(12)
     x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
-    positive_index = torch.tensor([3, 4, 5, 6, 7, 8, 0, 1, 2])
+    positives = ((0, 6, 3), (6, 9, -6))
     excluded = ((0, 9, 0), (0, 8, 1))
-    ours = contrastive_cross_entropy(x, None, beta=2.5, positive_index=positive_index, excluded=excluded)
-    ref = reference(x, None, 2.5, positive_index=positive_index, excluded=excluded)
+    ours = contrastive_cross_entropy(x, None, beta=2.5, positives=positives, excluded=excluded)
+    ref = reference(x, None, 2.5, positives=positives, excluded=excluded)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
     torch.testing.assert_close(_grads(ours, [x])[0], _grads(ref, [x])[0], rtol=1e-10, atol=1e-12)
 
@@ -159,8 +160,7 @@ def test_fully_excluded_block_row_is_not_nan(monkeypatch: pytest.MonkeyPatch) ->
     z1 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     z2 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     ours = nt_xent(z1, z2, temperature=0.5)
-    ref = reference(torch.cat([z1, z2]), None, 2.0, positive_index=torch.tensor([3, 4, 5, 0, 1, 2]),
-                    excluded=((0, 6, 0),))
+    ref = reference(torch.cat([z1, z2]), None, 2.0, positives=((0, 3, 3), (3, 6, -3)), excluded=((0, 6, 0),))
     assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
     for mine, theirs in zip(_grads(ours, [z1, z2]), _grads(ref, [z1, z2])):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
@@ -207,4 +207,33 @@ def test_exactly_one_kind_of_positive() -> None:
     with pytest.raises(ValueError, match="exactly one"):
         contrastive_cross_entropy(q, q, beta=1.0)
     with pytest.raises(ValueError, match="exactly one"):
-        contrastive_cross_entropy(q, q, beta=1.0, positive_keys=q, positive_index=torch.tensor([0, 1]))
+        contrastive_cross_entropy(q, q, beta=1.0, positive_keys=q, positives=((0, 2, 0),))
+
+
+@pytest.mark.parametrize(
+    "positives, excluded, message",
+    [
+        (((0, 3, 1),), (), "positives: run \\(0, 3, 1\\)"),  # row 2 would pair with column 3 of 3
+        (((0, 2, 0),), (), "exactly one column"),  # row 2 has no positive
+        (((0, 2, 0), (1, 3, 0)), (), "exactly one column"),  # row 1 has two
+        (((0, 3, 0),), ((0, 3, -1),), "excluded: run"),  # row 0 would exclude column -1
+        (((0, 3, 0),), ((2, 2, 0),), "excluded: run"),  # an empty run is a mistake, not a no-op
+    ],
+)
+def test_bad_runs_are_refused_before_any_work(positives: tuple, excluded: tuple, message: str) -> None:
+    q = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=message):
+        contrastive_cross_entropy(q, None, beta=1.0, positives=positives, excluded=excluded)
+
+
+def test_shared_candidates_with_positive_keys_take_the_general_path(tiny_tiles: None) -> None:
+    """Queries as their own negatives with an extra positive key each: E is symmetric but the positive is not a
+    candidate, so the one-product backward (which knows only candidate positives) must not be used."""
+    torch.manual_seed(13)
+    x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    ours = contrastive_cross_entropy(x, None, beta=2.0, positive_keys=keys, excluded=((0, 7, 0),))
+    ref = reference(x, None, 2.0, positive_keys=keys, excluded=((0, 7, 0),))
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
+    for mine, theirs in zip(_grads(ours, [x, keys]), _grads(ref, [x, keys])):
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)

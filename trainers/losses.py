@@ -70,15 +70,15 @@ def nt_xent(
     if not 0 <= offset <= big_n - n:
         raise ValueError(f"offset must lie in [0, {big_n - n}] for {n} local rows of {big_n}, got {offset}")
 
-    local = torch.arange(n, device=z1.device) + offset
-    positive_index = torch.cat([local + big_n, local])  # each anchor's other view among the candidates
-    # An anchor is not its own negative: row r < n sits at column r + offset, row n + i at column offset + N + i.
+    # Rows are [z1; z2] (2n), columns [c1; c2] (2N); z1[i] sits at column offset + i and z2[i] at N + offset + i.
+    # Each anchor's positive is its other view; it is not its own negative. Both are runs of rows at one shift.
+    positives = ((0, n, offset + big_n), (n, 2 * n, offset - n))
     excluded = ((0, n, offset), (n, 2 * n, offset + big_n - n))
     return contrastive_cross_entropy(
         torch.cat([z1, z2]),
         None if candidates is None else torch.cat([c1, c2]),
         beta=1.0 / temperature,
-        positive_index=positive_index,
+        positives=positives,
         excluded=excluded,
     )
 

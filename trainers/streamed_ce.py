@@ -5,9 +5,10 @@ For unit vectors ``a_r = q_r / |q_r|`` (queries) and ``b_c = y_c / |y_c|`` (cand
 
     loss = mean_r [ log( sum_{c not excluded for r} exp(S_rc) [+ exp(S_r+)] ) - S_r+ ]
 
-where the positive logit ``S_r+`` is either one of the candidates (SimCLR: ``positive_index``) or an extra key per
-row (MoCo: ``positive_keys``). This is what ``F.cross_entropy`` on the full logits computes; doing it by hand
-makes it cost little more than the matrix products it needs (benchmarks/bench_loss.py measures both):
+where the positive logit ``S_r+`` is either one of the candidates (SimCLR: ``positives``, runs of rows paired with
+the candidates at a fixed shift) or an extra key per row (MoCo: ``positive_keys``). This is what
+``F.cross_entropy`` on the full logits computes; doing it by hand makes it cost little more than the matrix products
+it needs (benchmarks/bench_loss.py measures both):
 
 * Forward: the logits are produced in tiles small enough to stay in a core's cache, and each tile is turned into
   ``exp(S - m)`` in place right after its matrix product (``m = 0`` unless the temperature is tiny, see
@@ -16,7 +17,9 @@ makes it cost little more than the matrix products it needs (benchmarks/bench_lo
 * The stored tiles are the softmax up to one scale per (row, column block), so the backward is two matrix
   products with them (``dA = P @ B``, ``dB = P^T @ A``), rows scaled on the small (n, D) side. On one process's
   SimCLR the exponentiated logits are symmetric and both are one product, ``E @ [A | w A]``. The "minus one at
-  the positive" of the cross-entropy gradient is a gather on that side too, and so is the L2 normalisation.
+  the positive" of the cross-entropy gradient is a slice-wise update on that side too (positives and exclusions
+  are runs of rows at a fixed column shift, so no index tensor is gathered or scattered), and so is the L2
+  normalisation.
 * Without a gradient nothing is stored: one scratch tile is reused.
 
 Peak memory is one float32 logits matrix (the stored tiles) plus (n, D)-sized vectors, against about three for
@@ -43,13 +46,36 @@ _LOWEST = {dtype: torch.finfo(dtype).min for dtype in (torch.float32, torch.floa
 # Largest beta for which exp(-beta) and exp(beta) x (a billion columns) are normal floats: exp of the unshifted
 # logits then loses no precision and cannot overflow.
 _SAFE_UNSHIFTED = {torch.float32: 40.0, torch.float64: 300.0}
-ExcludedRuns = tuple[tuple[int, int, int], ...]  # (row_start, row_stop, column - row): one excluded logit per row
+# Runs of rows paired with one column each: (row_start, row_stop, column - row). Used for the excluded logits (an
+# anchor is not its own negative) and for SimCLR's positives; slices of a run cost no index tensor.
+Runs = tuple[tuple[int, int, int], ...]
 
 
-def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(x / max(|x|, eps), 1 / max(|x|, eps))`` row-wise, like ``F.normalize``."""
+def _unit(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(x / max(|x|, eps), 1 / max(|x|, eps))`` row-wise, like ``F.normalize`` (into ``out`` if given)."""
     inv_norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(NORM_EPS).reciprocal_()
-    return x * inv_norm, inv_norm
+    return torch.mul(x, inv_norm, out=out) if out is not None else x * inv_norm, inv_norm
+
+
+def _unit_rows(columns: Tensor, columns_inv: Tensor | None, start: int, stop: int) -> Tensor:
+    """Rows ``start:stop`` of ``columns`` as unit vectors (``columns_inv=None``: they are unit vectors already)."""
+    rows = columns[start:stop]
+    return rows if columns_inv is None else rows * columns_inv[start:stop]
+
+
+def check_runs(runs: Runs, num_rows: int, num_columns: int, name: str, *, cover: bool) -> None:
+    """Raise ``ValueError`` unless every run pairs rows inside ``[0, num_rows)`` with columns inside
+    ``[0, num_columns)``; with ``cover``, every row must lie in exactly one run."""
+    for run in runs:
+        start, stop, shift = run
+        if not (0 <= start < stop <= num_rows and 0 <= start + shift and stop + shift <= num_columns):
+            raise ValueError(f"{name}: run {run} (rows start:stop paired with columns row + shift) must lie inside "
+                             f"{num_rows} rows and {num_columns} columns")
+    if cover:
+        covered = sorted((start, stop) for start, stop, _ in runs)
+        bounds = [0] + [b for pair in covered for b in pair] + [num_rows]
+        if any(bounds[i] != bounds[i + 1] for i in range(0, len(bounds), 2)):
+            raise ValueError(f"{name}: the runs must give each of the {num_rows} rows exactly one column, got {runs}")
 
 
 def _unit_backward(unit: Tensor, inv_norm: Tensor, grad: Tensor) -> Tensor:
@@ -58,7 +84,7 @@ def _unit_backward(unit: Tensor, inv_norm: Tensor, grad: Tensor) -> Tensor:
     return torch.addcmul(grad, unit, along, value=-1.0).mul_(inv_norm)
 
 
-def _mask_runs(tile: Tensor, rows: tuple[int, int], columns: tuple[int, int], excluded: ExcludedRuns) -> None:
+def _mask_runs(tile: Tensor, rows: tuple[int, int], columns: tuple[int, int], excluded: Runs) -> None:
     """Set the excluded logits inside a tile to the lowest finite value (exp gives 0, and a row made only of
     excluded logits still has a finite maximum, so nothing becomes NaN)."""
     (r0, r1), (c0, c1) = rows, columns
@@ -69,7 +95,7 @@ def _mask_runs(tile: Tensor, rows: tuple[int, int], columns: tuple[int, int], ex
 
 
 def _exp_logits(
-    rows: Tensor, columns: Tensor, columns_inv_norm: Tensor | None, excluded: ExcludedRuns, keep: bool, beta: float
+    rows: Tensor, columns: Tensor, columns_inv_norm: Tensor | None, excluded: Runs, keep: bool, beta: float
 ) -> tuple[list[Tensor], Tensor | None, Tensor]:
     """Tile-wise ``E = exp(rows @ unit(columns).T - m)``, ``m`` per row and column block (0 or the block's maximum).
 
@@ -160,32 +186,28 @@ def _rows_and_columns_gradients(
 
 
 def _symmetric_gradient(
-    blocks: list[Tensor],
-    a: Tensor,
-    scaled: Tensor,
-    row_weight: Tensor,
-    positive_rows: Tensor,
-    positive_index: Tensor,
-    scale: float,
-    beta: float,
+    blocks: list[Tensor], both: Tensor, row_weight: Tensor, positives: Runs, scale: float, beta: float
 ) -> Tensor:
     """Gradient of the loss with respect to the unit rows ``a`` when the candidates are the rows themselves and
     the stored ``E`` is symmetric (one process's SimCLR: the same vectors on both sides, only diagonal logits
-    excluded, no shift). With ``P = w * E`` (``w = row_weight``) the row side is
-    ``beta * (P @ a - scale * positive_rows)`` (``positive_rows = a[positive_index]``) and the column side is
-    ``P^T @ scaled`` minus ``scale`` times each row's ``scaled`` at its positive's column.
+    excluded, no shift). With ``P = w * E`` (``w = row_weight``) and ``p(r)`` row r's positive column, the row
+    side is ``beta * (P @ a - scale * a[p(r)])`` and the column side is ``beta * (P^T @ a)`` minus
+    ``scale * beta * a[r]`` at column ``p(r)``.
 
-    ``E = E^T`` turns the column side's ``E^T (w * scaled)`` into ``E (w * scaled)``, so both sides are one product
-    of the stored blocks with ``[a | w * scaled]`` (R, 2D) instead of two (and the transposed one is the slower).
+    ``E = E^T`` turns the column side's ``E^T (w * a)`` into ``E (w * a)``, so both sides are one product of the
+    stored blocks with ``both = [a | w * a]`` (R, 2D) instead of two (and the transposed one is the slower). The
+    forward wrote ``a`` into the left half of ``both``; the right half is filled here.
     """
-    width = a.shape[1]
+    width = both.shape[1] // 2
+    a = both[:, :width]
     row_factor = row_weight * beta
-    both = a.new_empty(a.shape[0], 2 * width)
-    both[:, :width] = a
-    torch.mul(a, row_factor, out=both[:, width:])  # w * scaled, as scaled = beta * a
+    torch.mul(a, row_factor, out=both[:, width:])
     products = _sum_of_products(blocks, both)
-    grad = products[:, width:].index_add_(0, positive_index, scaled, alpha=-scale)  # the column side
-    return torch.addcmul(grad, products[:, :width], row_factor).sub_(positive_rows, alpha=scale * beta)
+    grad = torch.addcmul(products[:, width:], products[:, :width], row_factor)
+    for start, stop, shift in positives:  # minus one at the positive, for the row and for the column
+        grad[start:stop].sub_(a[start + shift : stop + shift], alpha=scale * beta)
+        grad[start + shift : stop + shift].sub_(a[start:stop], alpha=scale * beta)
+    return grad
 
 
 class _ContrastiveCrossEntropy(torch.autograd.Function):
@@ -195,28 +217,36 @@ class _ContrastiveCrossEntropy(torch.autograd.Function):
         queries: Tensor,
         candidates: Tensor | None,
         positive_keys: Tensor | None,
-        positive_index: Tensor | None,
+        positives: Runs,
         beta: float,
-        excluded: ExcludedRuns,
+        excluded: Runs,
         unit_candidates: bool,
     ) -> Tensor:
         dtype = torch.promote_types(queries.dtype, torch.float32)
-        a, a_inv = _unit(queries.to(dtype))
+        keep = any(ctx.needs_input_grad)
+        # One process's SimCLR with unshifted logits: E is symmetric and the backward makes one product with
+        # [a | w a] (R, 2D), so a is written straight into that buffer's left half.
+        symmetric = (keep and candidates is None and positive_keys is None and beta <= _SAFE_UNSHIFTED[dtype]
+                     and all(shift == 0 for _, _, shift in excluded))
+        x = queries.to(dtype)
+        both = x.new_empty(x.shape[0], 2 * x.shape[1]) if symmetric else None
+        a, a_inv = _unit(x, out=None if both is None else both[:, : x.shape[1]])
         scaled = a * beta  # scaling the (R, D) side, not the (R, C) logits
         if candidates is None:
             columns, columns_inv = a, None
         else:  # the candidates may be a long queue: normalised block by block inside _exp_logits
             columns = candidates.to(dtype)
             columns_inv = None if unit_candidates else columns.new_empty(columns.shape[0], 1)
-        keep = any(ctx.needs_input_grad)
         blocks, maxima, sums = _exp_logits(scaled, columns, columns_inv, excluded, keep, beta)
+        k = k_inv = None
         if positive_keys is not None:
             k, k_inv = _unit(positive_keys.to(dtype))
+            positive = (scaled * k).sum(dim=1)
         else:
-            k_inv = None
-            unit_columns = columns if columns_inv is None else columns * columns_inv
-            k = unit_columns.index_select(0, positive_index)
-        positive = (scaled * k).sum(dim=1)
+            positive = scaled.new_empty(scaled.shape[0])
+            for start, stop, shift in positives:
+                column_rows = _unit_rows(columns, columns_inv, start + shift, stop + shift)
+                torch.sum(scaled[start:stop] * column_rows, dim=1, out=positive[start:stop])
         if maxima is None:  # unshifted: the partition sum itself is a normal float (see _exp_logits)
             partition = sums[0] if sums.shape[0] == 1 else sums.sum(dim=0)
             if positive_keys is not None:
@@ -229,11 +259,15 @@ class _ContrastiveCrossEntropy(torch.autograd.Function):
             log_partition = torch.logsumexp(log_terms, dim=0)
         loss = (log_partition - positive).mean()
         if keep:
-            ctx.save_for_backward(a, a_inv, scaled, columns, columns_inv, k, k_inv, positive_index, positive,
-                                  maxima, log_partition, *blocks)
+            if symmetric:  # the backward fills both's right half, which autograd's version check on a saved
+                # tensor (or a view of one: a, scaled's source, columns) would refuse; both is kept on ctx
+                ctx.both, a, scaled, columns = both, None, None, None
+            ctx.save_for_backward(a, a_inv, scaled, columns, columns_inv, k, k_inv, positive, maxima, log_partition,
+                                  *blocks)
             ctx.beta = beta
             ctx.shared = candidates is None
-            ctx.symmetric = ctx.shared and maxima is None and all(shift == 0 for _, _, shift in excluded)
+            ctx.symmetric = symmetric
+            ctx.positives = positives
             ctx.dtypes = (queries.dtype, None if candidates is None else candidates.dtype,
                           None if positive_keys is None else positive_keys.dtype)
         return loss
@@ -241,12 +275,10 @@ class _ContrastiveCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the backward is written by hand: no graph of it for a second derivative
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        a, a_inv, scaled, columns, columns_inv, k, k_inv, positive_index, positive, maxima, log_partition, *blocks = (
-            ctx.saved_tensors
-        )
+        a, a_inv, scaled, columns, columns_inv, k, k_inv, positive, maxima, log_partition, *blocks = ctx.saved_tensors
         need_queries, need_candidates, need_keys = ctx.needs_input_grad[:3]
         shared = ctx.shared  # SimCLR on one process: the candidates are the queries
-        scale = float(grad_loss) / a.shape[0]
+        scale = float(grad_loss) / a_inv.shape[0]
         # P = E * exp(m - log Z) per (row, block): the softmax, with the loss gradient's 1/R folded in. Unshifted
         # (m = 0) every block of a row has the same weight: it is applied once, after the sum over blocks.
         if maxima is None:
@@ -254,22 +286,26 @@ class _ContrastiveCrossEntropy(torch.autograd.Function):
         else:
             row_weight, weights = None, (maxima - log_partition).exp_().mul_(scale)[:, :, None]  # (blocks, R, 1)
         if ctx.symmetric:  # one process's SimCLR, unshifted: only the queries have a gradient
-            grad_a = _symmetric_gradient(blocks, a, scaled, row_weight, k, positive_index, scale, ctx.beta)
+            grad_a = _symmetric_gradient(blocks, ctx.both, row_weight, ctx.positives, scale, ctx.beta)
+            a = ctx.both[:, : grad_a.shape[1]]
             return _unit_backward(a, a_inv, grad_a).to(ctx.dtypes[0]), None, None, None, None, None, None
         need_b = need_candidates or shared
         unit_columns = columns if columns_inv is None else (columns * columns_inv if need_b else None)
         grad_scaled, grad_b = _rows_and_columns_gradients(blocks, weights, scaled, row_weight, unit_columns, columns,
                                                           columns_inv, need_b)
         grad_k = None
-        if positive_index is None:  # MoCo's extra positive column: its softmax weight minus one
+        if k is not None:  # MoCo's extra positive column: its softmax weight minus one
             coefficient = (positive - log_partition).exp_().sub_(1).mul_(scale)[:, None]
             grad_scaled.addcmul_(k, coefficient)
             if need_keys:
                 grad_k = _unit_backward(k, k_inv, scaled * coefficient).to(ctx.dtypes[2])
         else:  # minus one at the positive candidate, for the row and for the column
-            grad_scaled.sub_(k, alpha=scale)
-            if grad_b is not None:
-                grad_b.index_add_(0, positive_index, scaled, alpha=-scale)
+            for start, stop, shift in ctx.positives:
+                column_rows = (unit_columns[start + shift : stop + shift] if unit_columns is not None
+                               else _unit_rows(columns, columns_inv, start + shift, stop + shift))
+                grad_scaled[start:stop].sub_(column_rows, alpha=scale)
+                if grad_b is not None:
+                    grad_b[start + shift : stop + shift].sub_(scaled[start:stop], alpha=scale)
         grad_a = grad_scaled.mul_(ctx.beta)
         if shared:
             grad_a += grad_b
@@ -287,24 +323,30 @@ def contrastive_cross_entropy(
     *,
     beta: float,
     positive_keys: Tensor | None = None,
-    positive_index: Tensor | None = None,
-    excluded: ExcludedRuns = (),
+    positives: Runs | None = None,
+    excluded: Runs = (),
     unit_candidates: bool = False,
 ) -> Tensor:
     """Mean InfoNCE of ``queries`` (R, D) against ``candidates`` (C, D) at inverse temperature ``beta``.
 
     Every vector is L2-normalised first. ``candidates=None`` means the queries themselves (SimCLR on one process).
-    Each row's positive is either ``positive_keys[r]`` (R, D), an extra logit (MoCo), or the candidate
-    ``positive_index[r]`` (SimCLR); give exactly one. ``excluded`` lists runs of rows whose logit at column
+    Each row's positive is either ``positive_keys[r]`` (R, D), an extra logit (MoCo), or a candidate (SimCLR):
+    ``positives`` is runs ``(start, stop, shift)``, rows ``start:stop`` paired with candidates ``row + shift``,
+    covering every row once; give exactly one of the two. ``excluded`` lists runs of rows whose logit at column
     ``row + shift`` leaves the sum (an anchor is not its own negative). ``unit_candidates=True`` promises that the
     candidates are unit vectors already (MoCo's queue) and skips normalising them. Returns a float32 (float64) scalar.
 
-    Example:
+    Example (two views of two images, rows 0, 1 paired with 2, 3 and back):
         >>> q = torch.randn(4, 8)
-        >>> loss = contrastive_cross_entropy(q, None, beta=5.0, positive_index=torch.tensor([2, 3, 0, 1]),
+        >>> loss = contrastive_cross_entropy(q, None, beta=5.0, positives=((0, 2, 2), (2, 4, -2)),
         ...                                  excluded=((0, 4, 0),))
     """
-    if (positive_keys is None) == (positive_index is None):
-        raise ValueError("give exactly one of positive_keys and positive_index")
-    return _ContrastiveCrossEntropy.apply(queries, candidates, positive_keys, positive_index, beta, excluded,
+    if (positive_keys is None) == (positives is None):
+        raise ValueError("give exactly one of positive_keys and positives")
+    num_rows = queries.shape[0]
+    num_columns = num_rows if candidates is None else candidates.shape[0]
+    check_runs(excluded, num_rows, num_columns, "excluded", cover=False)
+    if positives is not None:
+        check_runs(positives, num_rows, num_columns, "positives", cover=True)
+    return _ContrastiveCrossEntropy.apply(queries, candidates, positive_keys, positives or (), beta, excluded,
                                            unit_candidates)
