@@ -8,6 +8,7 @@ diagonal crossing tile and block borders, a last block one column wide, a row wh
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +238,23 @@ def test_shared_candidates_with_positive_keys_take_the_general_path(tiny_tiles: 
     assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
     for mine, theirs in zip(_grads(ours, [x, keys]), _grads(ref, [x, keys])):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_last_level_cache_is_the_largest_readable_sysfs_size(tmp_path: Path) -> None:
+    for name, size in {"index0": "48K", "index1": "64K", "index2": "2048K", "index3": "480M"}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(size + "\n")
+    (tmp_path / "index4").mkdir()  # a folder without a size file is skipped
+    assert streamed_ce.last_level_cache_bytes(tmp_path) == 480 << 20
+    assert streamed_ce.last_level_cache_bytes(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize(
+    "cache_mib, threads, expected_mib",
+    [(None, 2, 2), (480, 2, 16), (32, 8, 2), (32, 2, 8), (1, 1, 2), (64, 0, 16)],
+)
+def test_tile_bytes_per_thread_halves_the_shared_cache_within_bounds(
+    cache_mib: int | None, threads: int, expected_mib: int
+) -> None:
+    cache = None if cache_mib is None else cache_mib << 20
+    assert streamed_ce.tile_bytes_per_thread(cache, threads) == expected_mib << 20
