@@ -80,6 +80,8 @@ except Exception as error:  # not installed, or broken by its own dependencies: 
 
 NOT_INSTALLED = "lightly not installed"
 RTOL = 1e-5
+DIM, QUERIES = 128, 256  # embedding size D and info_nce's N (defaults of --dim and --queries)
+NT_XENT_TEMPERATURE, INFO_NCE_TEMPERATURE = 0.5, 0.2
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -316,10 +318,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, shorter samples, no N=4096/K=65536")
     parser.add_argument("--rounds", type=int, default=9, help="timed round-robin rounds per row (quick: 3)")
     parser.add_argument("--target-ms", type=float, default=150.0, help="duration of one timed sample (quick: 50)")
-    parser.add_argument("--dim", type=int, default=128, help="embedding size D")
+    parser.add_argument("--dim", type=int, default=DIM, help="embedding size D")
     parser.add_argument("--sizes", type=int, nargs="*", default=[256, 1024, 4096], help="nt_xent batch sizes N")
     parser.add_argument("--queues", type=int, nargs="*", default=[4096, 65536], help="info_nce queue lengths K")
-    parser.add_argument("--queries", type=int, default=256, help="info_nce queries N")
+    parser.add_argument("--queries", type=int, default=QUERIES, help="info_nce queries N")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--no-lightly", action="store_true", help="skip lightly even if it is installed")
     parser.add_argument("--system-malloc", action="store_true",
@@ -335,8 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     use_lightly = LIGHTLY is None and not args.no_lightly
     lightly_note = "skipped (--no-lightly)" if args.no_lightly else (LIGHTLY or "")
 
-    cases = [nt_xent_case(n, args.dim, 0.5, use_lightly=use_lightly) for n in args.sizes]
-    cases += [info_nce_case(args.queries, k, args.dim, 0.2, use_lightly=use_lightly) for k in args.queues]
+    cases = [nt_xent_case(n, args.dim, NT_XENT_TEMPERATURE, use_lightly=use_lightly) for n in args.sizes]
+    cases += [info_nce_case(args.queries, k, args.dim, INFO_NCE_TEMPERATURE, use_lightly=use_lightly)
+              for k in args.queues]
 
     print(f"# bench_loss: forward+backward per call ({machine_note()}; malloc: {malloc})\n")
     if not use_lightly:

@@ -17,31 +17,20 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
 from _common import calls_for, interleaved, machine_note, markdown_table, median, spread
+from bench_loss import DIM, INFO_NCE_TEMPERATURE, NT_XENT_TEMPERATURE, QUERIES, info_nce_case, nt_xent_case
 
 from trainers import streamed_ce
-from trainers.losses import info_nce, nt_xent
 from trainers.runtime import keep_freed_memory
-
-DIM = 128
-QUERIES = 256  # info_nce's N, as in bench_loss
 
 
 def make_call(case: str) -> Callable[[], None]:
-    """One forward+backward of ``nt_xent:N`` or ``info_nce:K`` on fixed random inputs."""
+    """bench_loss's "ours" call (forward+backward on its inputs) for ``nt_xent:N`` or ``info_nce:K``."""
     name, size = case.split(":")
-    generator = torch.Generator().manual_seed(0)
     if name == "nt_xent":
-        z1 = torch.randn(int(size), DIM, generator=generator, requires_grad=True)
-        z2 = torch.randn(int(size), DIM, generator=generator, requires_grad=True)
-        return lambda: nt_xent(z1, z2, temperature=0.2).backward()
+        return nt_xent_case(int(size), DIM, NT_XENT_TEMPERATURE, use_lightly=False).contenders["ours"]
     if name == "info_nce":
-        query = torch.randn(QUERIES, DIM, generator=generator, requires_grad=True)
-        key = torch.randn(QUERIES, DIM, generator=generator)
-        queue = F.normalize(torch.randn(int(size), DIM, generator=generator), dim=1)
-        return lambda: info_nce(query, key, queue, temperature=0.2, unit_negatives=True).backward()
+        return info_nce_case(QUERIES, int(size), DIM, INFO_NCE_TEMPERATURE, use_lightly=False).contenders["ours"]
     raise SystemExit(f"unknown case {case!r}: use nt_xent:N or info_nce:K")
 
 

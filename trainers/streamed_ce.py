@@ -61,8 +61,8 @@ def tile_bytes_per_thread(cache_bytes: int | None, threads: int) -> int:
     The tile must stay in cache between its matrix product and its exp pass, or that pass streams through main
     memory; within that, more rows per product run faster. Measured at 2 threads with 480 MiB of L3
     (benchmarks/bench_tiles.py, 2-128 MiB per thread): 16 MiB per thread (whole 2048-row blocks at N = 1024) ran
-    nt_xent about 6 % faster than 2 MiB at N = 1024 and 4096; 32 and 128 MiB were no faster, and info_nce at
-    N = 256 and nt_xent at N = 256 did not change beyond the noise.
+    nt_xent 3-7 % faster than 2 MiB at N = 1024 and 4096 (two runs); 32 and 128 MiB were no faster, and info_nce
+    and nt_xent at N = 256 did not change beyond the noise.
     """
     if cache_bytes is None:
         return 2 * _MIB
