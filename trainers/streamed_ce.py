@@ -333,8 +333,7 @@ class _ContrastiveCrossEntropy(torch.autograd.Function):
                 grad_k = _unit_backward(k, k_inv, scaled * coefficient).to(ctx.dtypes[2])
         else:  # minus one at the positive candidate, for the row and for the column
             for start, stop, shift in ctx.positives:
-                column_rows = (unit_columns[start + shift : stop + shift] if unit_columns is not None
-                               else _unit_rows(columns, columns_inv, start + shift, stop + shift))
+                column_rows = _unit_rows(columns, columns_inv, start + shift, stop + shift)
                 grad_scaled[start:stop].sub_(column_rows, alpha=scale)
                 if grad_b is not None:
                     grad_b[start + shift : stop + shift].sub_(scaled[start:stop], alpha=scale)
