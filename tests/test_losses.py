@@ -1,15 +1,30 @@
-"""The losses against loop-based NumPy references written here from the formulas, plus closed forms."""
+"""The losses against loop-based NumPy references written here from the formulas, plus closed forms.
+
+Every test runs twice: on the path the losses take by default (the fused C++ kernel for one process's SimCLR and
+for MoCo's unit queue, where it is built) and on the eager path alone (:func:`trainers.fused_ce.eager_only`).
+"""
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 
+from trainers import fused_ce
 from trainers.losses import gather_with_grad, info_nce, nt_xent
+
+
+@pytest.fixture(autouse=True, params=["default", "eager"])
+def loss_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "eager":
+        with fused_ce.eager_only():
+            yield request.param
+    else:
+        yield request.param
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

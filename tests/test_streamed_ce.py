@@ -3,20 +3,28 @@
 The reference is plain autograd: ``F.normalize``, one full logits matrix, excluded entries set to -inf, and
 ``logsumexp - positive``. Tiles and column blocks are made tiny so that every edge case of the tiling (an excluded
 diagonal crossing tile and block borders, a last block one column wide, a row whose whole block is excluded) runs.
+The losses are called on the eager path (the fused kernel of tests/test_fused_ce.py is switched off here).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from trainers import streamed_ce
+from trainers import fused_ce, streamed_ce
 from trainers.losses import info_nce, nt_xent
 from trainers.streamed_ce import contrastive_cross_entropy
+
+
+@pytest.fixture(autouse=True)
+def eager_path() -> Iterator[None]:
+    with fused_ce.eager_only():
+        yield
 
 
 def reference(

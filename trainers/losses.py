@@ -8,7 +8,9 @@ where the sum runs over the positive and every negative. ``temperature`` (tau) a
 (beta) are the same knob: a small tau (large beta) sharpens the softmax so the hardest negatives dominate.
 Everything is computed in float32 after L2 normalisation, as a log-sum-exp with per-row maxima, so tau = 0.01
 on bf16/fp16 embeddings neither overflows nor loses the positive logit to rounding. The arithmetic lives in
-:mod:`trainers.streamed_ce` (tiled, with a hand-written backward; about the cost of the matrix products).
+:mod:`trainers.streamed_ce` (tiled, with a hand-written backward; about the cost of the matrix products); one
+process's SimCLR and MoCo against its unit queue take the same computation compiled in C++ where it could be
+built (:mod:`trainers.fused_ce`), which saves most of the eager path's per-op cost at small sizes.
 
 The losses never look at ``torch.distributed``: the caller gathers candidates with :func:`gather_with_grad`
 (SimCLR) or :func:`gather_no_grad` (MoCo keys) and passes them in, with the offset of its own rows.
@@ -23,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import Tensor
 
+from trainers import fused_ce
 from trainers.streamed_ce import contrastive_cross_entropy
 
 
@@ -70,6 +73,10 @@ def nt_xent(
     if not 0 <= offset <= big_n - n:
         raise ValueError(f"offset must lie in [0, {big_n - n}] for {n} local rows of {big_n}, got {offset}")
 
+    if candidates is None:  # one process: the fused kernel where it is built and applies (same values)
+        fused = fused_ce.simclr_loss(z1, z2, 1.0 / temperature)
+        if fused is not None:
+            return fused
     # Rows are [z1; z2] (2n), columns [c1; c2] (2N); z1[i] sits at column offset + i and z2[i] at N + offset + i.
     # Each anchor's positive is its other view; it is not its own negative. Both are runs of rows at one shift.
     positives = ((0, n, offset + big_n), (n, 2 * n, offset - n))
@@ -115,6 +122,10 @@ def info_nce(
         )
     if negatives.ndim != 2 or negatives.shape[1] != query.shape[1]:
         raise ValueError(f"negatives must have shape (K, {query.shape[1]}), got {tuple(negatives.shape)}")
+    if unit_negatives:  # the fused kernel where it is built and applies (same values)
+        fused = fused_ce.keyed_loss(query, positive_key, negatives, 1.0 / temperature)
+        if fused is not None:
+            return fused
     return contrastive_cross_entropy(
         query, negatives, beta=1.0 / temperature, positive_keys=positive_key, unit_candidates=unit_negatives
     )

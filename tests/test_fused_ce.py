@@ -1,0 +1,211 @@
+"""The fused C++ loss kernel (trainers/csrc/fused_ce.cpp) against the formulas on materialised logits, written here.
+
+The references are plain float64 autograd: normalise, one full logits matrix, the excluded entries set to -inf,
+``logsumexp - positive``. The kernel is called through the losses (as the trainers call it) and directly; where
+the fused path does not apply, the losses must fall back to the eager path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainers import fused_ce, streamed_ce
+from trainers.losses import info_nce, nt_xent
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get(fused_ce.ENV_VAR, "1") == "0", reason=f"{fused_ce.ENV_VAR}=0 switches the fused kernel off")
+
+
+def reference_simclr(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """Rows [z1; z2]; row r's positive is the other view of its image; an anchor is not its own negative."""
+    n = z1.shape[0]
+    a = F.normalize(torch.cat([z1, z2]).double(), dim=1)
+    logits = a @ a.T / tau
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return (torch.logsumexp(logits, dim=1) - logits[torch.arange(2 * n), positive]).mean()
+
+
+def reference_moco(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:
+    """Logits [q.k, q.queue] / tau with the positive first; the queue holds unit vectors as stored."""
+    a, key = F.normalize(q.double(), dim=1), F.normalize(k.double(), dim=1)
+    logits = torch.cat([(a * key).sum(dim=1, keepdim=True), a @ queue.double().T], dim=1) / tau
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+def _grads(loss: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, leaves))
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, terms: float) -> None:
+    """Elementwise within rtol of the larger of the largest gradient and ``terms``, the size of the terms that
+    cancel in it (beta / rows: with n = 1 the loss is 0 whatever the inputs, its gradient 0 up to rounding)."""
+    scale = max(want.abs().max().item(), terms)
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=rtol * scale)
+
+
+def test_the_kernel_builds_and_loads_here() -> None:
+    module = fused_ce.load()
+    assert module is not None, "the fused kernel did not build: see the warning"
+    assert hasattr(module, "simclr_loss") and hasattr(module, "keyed_loss")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("n", "dim", "tau"), [(1, 3, 0.5), (5, 16, 0.07), (64, 32, 0.2), (200, 128, 1.0)])
+def test_simclr_matches_the_formula(n: int, dim: int, tau: float, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(n * dim)
+    z1 = torch.randn(n, dim, generator=gen, dtype=dtype, requires_grad=True)
+    z2 = torch.randn(n, dim, generator=gen, dtype=dtype, requires_grad=True)
+    loss = nt_xent(z1, z2, temperature=tau)
+    assert loss.grad_fn.name().endswith("SimclrLoss>"), "the fused path was not taken"
+    expected = reference_simclr(z1, z2, tau)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert loss.dtype == dtype
+    assert loss.item() == pytest.approx(expected.item(), rel=rtol)
+    for got, want in zip(_grads(loss, [z1, z2]), _grads(expected, [z1, z2]), strict=True):
+        assert got.dtype == dtype
+        _assert_close(got, want, rtol, 1 / (2 * n * tau))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("keys_need_grad", [False, True])
+@pytest.mark.parametrize(("n", "queue_length", "tau"), [(1, 1, 0.2), (7, 50, 0.07), (64, 1000, 0.5)])
+def test_moco_matches_the_formula(n: int, queue_length: int, tau: float, keys_need_grad: bool,
+                                  dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(n + queue_length)
+    q = torch.randn(n, 24, generator=gen, dtype=dtype, requires_grad=True)
+    k = torch.randn(n, 24, generator=gen, dtype=dtype, requires_grad=keys_need_grad)
+    queue = F.normalize(torch.randn(queue_length, 24, generator=gen, dtype=dtype), dim=1)
+    loss = info_nce(q, k, queue, temperature=tau, unit_negatives=True)
+    assert loss.grad_fn.name().endswith("KeyedLoss>"), "the fused path was not taken"
+    expected = reference_moco(q, k, queue, tau)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert loss.item() == pytest.approx(expected.item(), rel=rtol)
+    leaves = [q, k] if keys_need_grad else [q]
+    for got, want in zip(_grads(loss, leaves), _grads(expected, leaves), strict=True):
+        _assert_close(got, want, rtol, 1 / (n * tau))
+
+
+def test_gradcheck_float64() -> None:
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True), torch.randn(3, 5, dtype=torch.float64,
+                                                                                     requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: fused_ce.simclr_loss(a, b, 1 / 0.3), (z1, z2))
+    q = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    queue = F.normalize(torch.randn(9, 5, dtype=torch.float64), dim=1)
+    assert torch.autograd.gradcheck(lambda a, b: fused_ce.keyed_loss(a, b, queue, 1 / 0.2), (q, k))
+
+
+def test_many_tiles_give_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A budget of a few rows per tile: the zeroed diagonal crosses every tile border, including a last short one."""
+    gen = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(11, 8, generator=gen, requires_grad=True), torch.randn(11, 8, generator=gen,
+                                                                               requires_grad=True)
+    q, k = torch.randn(11, 8, generator=gen, requires_grad=True), torch.randn(11, 8, generator=gen)
+    queue = F.normalize(torch.randn(13, 8, generator=gen), dim=1)
+    whole_simclr = fused_ce.simclr_loss(z1, z2, 4.0)
+    whole_moco = fused_ce.keyed_loss(q, k, queue, 4.0)
+    monkeypatch.setattr(streamed_ce, "TILE_BYTES_PER_THREAD", 3 * 22 * 4 // torch.get_num_threads())
+    assert fused_ce._tile_rows(22, torch.float32) == 3
+    tiled_simclr = fused_ce.simclr_loss(z1, z2, 4.0)
+    tiled_moco = fused_ce.keyed_loss(q, k, queue, 4.0)
+    assert tiled_simclr.item() == pytest.approx(whole_simclr.item(), rel=1e-6)
+    assert tiled_moco.item() == pytest.approx(whole_moco.item(), rel=1e-6)
+    assert tiled_simclr.item() == pytest.approx(reference_simclr(z1, z2, 0.25).item(), rel=1e-5)
+    for got, want in zip(_grads(tiled_simclr, [z1, z2]), _grads(whole_simclr, [z1, z2]), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_fused_and_eager_paths_agree() -> None:
+    gen = torch.Generator().manual_seed(2)
+    z1, z2 = torch.randn(32, 16, generator=gen, requires_grad=True), torch.randn(32, 16, generator=gen,
+                                                                                 requires_grad=True)
+    fused = nt_xent(z1, z2, temperature=0.1)
+    with fused_ce.eager_only():
+        eager = nt_xent(z1, z2, temperature=0.1)
+    assert fused.grad_fn.name().endswith("SimclrLoss>")
+    assert eager.grad_fn.name() == "_ContrastiveCrossEntropyBackward"
+    assert fused.item() == pytest.approx(eager.item(), rel=1e-6)
+    for got, want in zip(_grads(fused, [z1, z2]), _grads(eager, [z1, z2]), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+
+def test_zero_rows_are_clamped_as_normalize_does() -> None:
+    z1 = torch.randn(4, 6, dtype=torch.float64)
+    z1[2] = 0.0
+    z1.requires_grad_()
+    z2 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    loss = nt_xent(z1, z2, temperature=0.5)
+    expected = reference_simclr(z1, z2, 0.5)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    for got, want in zip(_grads(loss, [z1, z2]), _grads(expected, [z1, z2]), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_low_precision_inputs_are_computed_in_float32() -> None:
+    gen = torch.Generator().manual_seed(3)
+    z1 = torch.randn(16, 8, generator=gen).bfloat16().requires_grad_()
+    z2 = torch.randn(16, 8, generator=gen).bfloat16().requires_grad_()
+    loss = nt_xent(z1, z2, temperature=0.2)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference_simclr(z1.float(), z2.float(), 0.2).item(), rel=1e-5)
+    loss.backward()
+    assert z1.grad is not None and z1.grad.dtype == torch.bfloat16 and torch.isfinite(z1.grad.float()).all()
+
+
+def test_a_second_backward_gives_the_same_gradient() -> None:
+    """The backward writes w a into a buffer of the forward's; a retained graph must give the same result twice."""
+    z1, z2 = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    loss = nt_xent(z1, z2, temperature=0.3)
+    first = torch.autograd.grad(loss, [z1, z2], retain_graph=True)
+    second = torch.autograd.grad(loss, [z1, z2])
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_queue_changed_before_the_backward_is_refused() -> None:
+    q, k = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+    queue = F.normalize(torch.randn(10, 8), dim=1)
+    loss = info_nce(q, k, queue, temperature=0.2, unit_negatives=True)
+    queue[0] = 0.0  # MoCo enqueues after its step; changing the saved queue first would give a wrong gradient
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_the_fused_path_is_skipped_where_it_does_not_apply() -> None:
+    z1, z2 = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    q, k = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+    queue = F.normalize(torch.randn(6, 8), dim=1)
+    with torch.no_grad():  # no gradient: the eager path stores nothing
+        assert fused_ce.simclr_loss(z1, z2, 2.0) is None
+    assert fused_ce.simclr_loss(z1.detach(), z2.detach(), 2.0) is None
+    assert fused_ce.simclr_loss(z1, z2, 100.0) is None  # tau = 0.01: shifted logits, eager path
+    assert fused_ce.keyed_loss(q, k, queue.requires_grad_(), 2.0) is None  # a queue with a gradient
+    with fused_ce.eager_only():
+        assert fused_ce.simclr_loss(z1, z2, 2.0) is None
+    assert fused_ce.simclr_loss(z1, z2, 2.0) is not None
+    # and the losses give the formula's value there all the same
+    assert nt_xent(z1, z2, temperature=0.01).item() == pytest.approx(reference_simclr(z1, z2, 0.01).item(),
+                                                                     rel=1e-5)
+
+
+def test_thread_counts_agree() -> None:
+    gen = torch.Generator().manual_seed(4)
+    z1, z2 = torch.randn(100, 32, generator=gen, requires_grad=True), torch.randn(100, 32, generator=gen,
+                                                                                  requires_grad=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = nt_xent(z1, z2, temperature=0.2)
+        grads_one = _grads(one, [z1, z2])
+    finally:
+        torch.set_num_threads(threads)
+    many = nt_xent(z1, z2, temperature=0.2)
+    assert many.item() == pytest.approx(one.item(), rel=1e-6)
+    for a, b in zip(_grads(many, [z1, z2]), grads_one, strict=True):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,302 @@
+// Fused CPU forward and backward of the contrastive cross-entropy's two common cases, as autograd functions.
+// trainers/streamed_ce.py has the maths and the general path; trainers/fused_ce.py builds this file on first use
+// and falls back to that path where it cannot be built.
+//
+// Why: at small sizes (SimCLR at N = 256, MoCo at K = 4096) the matrix products take well under a millisecond, and
+// the general path's ~35 small eager ops, each a Python call through the dispatcher, plus a Python autograd
+// Function, cost as much again. Here every (rows, D) step is one parallel loop over rows that does all of that
+// row's work in one go, and the only ATen calls left are the matrix products, exp and the row sums of E.
+//
+//   simclr_loss(z1, z2, beta, tile_rows): one process's SimCLR. Rows are [z1; z2], row r's positive is the other
+//     view of its image, column (r + n) mod 2n, and an anchor is not its own negative. With unit rows a, the
+//     exponentiated logits E = exp(beta a a^T) (diagonal zeroed) are symmetric, so the backward's row side
+//     E (w a) and column side E^T (w a) are one product E @ [a | w a].
+//   keyed_loss(queries, keys, candidates, beta, tile_rows): MoCo. Each query's positive is its own key (an extra
+//     logit); the candidates (the queue) are unit vectors already and get no gradient.
+//
+// Both assume unshifted logits: beta small enough that exp(+-beta) times the number of columns is a normal float,
+// so exp needs no max subtracted (the Python side checks, see streamed_ce._SAFE_UNSHIFTED). Inputs are contiguous
+// float32 or float64 CPU tensors of one dtype (the Python side converts).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
+
+constexpr double kNormEps = 1e-12;  // as F.normalize
+constexpr int64_t kGrain = 16;      // rows per parallel chunk: a row is a few hundred flops
+
+// x . y, vectorised: the simd reduction lets the compiler keep several partial sums (a plain loop is one serial
+// chain of dependent adds).
+template <typename T>
+inline T dot(const T* x, const T* y, int64_t dim) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < dim; ++d) sum += x[d] * y[d];
+  return sum;
+}
+
+template <typename T>
+inline T inverse_norm(const T* x, int64_t dim) {
+  return T(1) / std::max<T>(std::sqrt(dot(x, x, dim)), T(kNormEps));
+}
+
+// In place: g <- (g - u (u . g)) * inv_norm, the gradient through x / max(|x|, eps) for one row (no projection
+// where the clamp was active, as autograd through F.normalize gives).
+template <typename T>
+inline void unit_backward_row(const T* u, T inv_norm, int64_t dim, T* g) {
+  const T along = inv_norm < T(1 / kNormEps) ? dot(u, g, dim) : T(0);
+  for (int64_t d = 0; d < dim; ++d) g[d] = (g[d] - u[d] * along) * inv_norm;
+}
+
+// E = exp(beta * rows @ columns^T), one tile of rows at a time so that each tile is exponentiated while it is in
+// cache; with zero_diagonal, E[r, r] = 0 (exp(-inf): the anchor is not its own negative). Writes each row's sum.
+at::Tensor exp_logits(const at::Tensor& rows, const at::Tensor& columns, double beta, bool zero_diagonal,
+                      int64_t tile_rows, at::Tensor& sums) {
+  const int64_t num_rows = rows.size(0), num_columns = columns.size(0);
+  at::Tensor exp_logits = at::empty({num_rows, num_columns}, rows.options());
+  for (int64_t r0 = 0; r0 < num_rows; r0 += tile_rows) {
+    const int64_t r1 = std::min(r0 + tile_rows, num_rows);
+    at::Tensor tile = exp_logits.narrow(0, r0, r1 - r0);
+    at::Tensor tile_sums = sums.narrow(0, r0, r1 - r0);
+    // beta rides on the product (BLAS's alpha; beta = 0 ignores the tile's old contents)
+    at::addmm_out(tile, tile, rows.narrow(0, r0, r1 - r0), columns.t(), /*beta=*/0, /*alpha=*/beta);
+    tile.exp_();
+    if (zero_diagonal) {
+      AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "zero_diagonal", [&] {
+        scalar_t* t = tile.data_ptr<scalar_t>();
+        for (int64_t r = r0; r < r1; ++r) t[(r - r0) * num_columns + r] = 0;
+      });
+    }
+    at::sum_out(tile_sums, tile, {1});
+  }
+  return exp_logits;
+}
+
+// mean_r (log Z_r - positive_r), summed in double; writes log Z.
+template <typename T>
+double mean_loss(const T* partition, const T* positive, int64_t rows, T* log_partition) {
+  double total = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    log_partition[r] = std::log(partition[r]);
+    total += static_cast<double>(log_partition[r]) - static_cast<double>(positive[r]);
+  }
+  return total / static_cast<double>(rows);
+}
+
+void check_inputs(const std::vector<at::Tensor>& tensors, int64_t dim) {
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.size(1) == dim && t.is_contiguous(),
+                "fused contrastive loss: expected contiguous CPU matrices with ", dim, " columns");
+    TORCH_CHECK(t.scalar_type() == tensors[0].scalar_type(), "fused contrastive loss: mixed dtypes");
+  }
+}
+
+// -------------------------------------------------------------------------------------------------- SimCLR
+
+struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& z1, const at::Tensor& z2, double beta,
+                            int64_t tile_rows) {
+    check_inputs({z1, z2}, z1.size(1));
+    TORCH_CHECK(z1.size(0) == z2.size(0), "simclr_loss: z1 and z2 differ in rows");
+    const int64_t n = z1.size(0), rows = 2 * n, dim = z1.size(1);
+    // [a | w a]: the forward writes the unit rows a on the left, the backward w a on the right.
+    at::Tensor both = at::empty({rows, 2 * dim}, z1.options());
+    at::Tensor inv_norm = at::empty({rows}, z1.options());
+    at::Tensor positive = at::empty({rows}, z1.options());
+    AT_DISPATCH_FLOATING_TYPES(z1.scalar_type(), "simclr_forward", [&] {
+      const scalar_t* x1 = z1.const_data_ptr<scalar_t>();
+      const scalar_t* x2 = z2.const_data_ptr<scalar_t>();
+      scalar_t* b = both.data_ptr<scalar_t>();
+      scalar_t* inv = inv_norm.data_ptr<scalar_t>();
+      scalar_t* pos = positive.data_ptr<scalar_t>();
+      // Image i's two views, rows i and n + i, are each other's positive: one pass over the pair.
+      at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const scalar_t *v1 = x1 + i * dim, *v2 = x2 + i * dim;
+          const scalar_t inv1 = inverse_norm(v1, dim), inv2 = inverse_norm(v2, dim);
+          scalar_t *a1 = b + i * 2 * dim, *a2 = b + (n + i) * 2 * dim;
+          for (int64_t d = 0; d < dim; ++d) {
+            a1[d] = v1[d] * inv1;
+            a2[d] = v2[d] * inv2;
+          }
+          inv[i] = inv1;
+          inv[n + i] = inv2;
+          pos[i] = pos[n + i] = static_cast<scalar_t>(beta) * dot(v1, v2, dim) * inv1 * inv2;
+        }
+      });
+    });
+    at::Tensor partition = at::empty({rows}, z1.options());
+    at::Tensor unit = both.narrow(1, 0, dim);
+    at::Tensor exp_logits_ = exp_logits(unit, unit, beta, /*zero_diagonal=*/true, tile_rows, partition);
+    at::Tensor log_partition = at::empty({rows}, z1.options());
+    double loss = 0;
+    AT_DISPATCH_FLOATING_TYPES(z1.scalar_type(), "simclr_loss", [&] {
+      loss = mean_loss(partition.const_data_ptr<scalar_t>(), positive.const_data_ptr<scalar_t>(), rows,
+                       log_partition.data_ptr<scalar_t>());
+    });
+    // both is written again by the backward, so it is not a saved variable (whose version autograd checks).
+    ctx->saved_data["both"] = both;
+    ctx->saved_data["beta"] = beta;
+    ctx->save_for_backward({inv_norm, exp_logits_, log_partition});
+    return at::scalar_tensor(loss, z1.options());
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
+    const tensor_list saved = ctx->get_saved_variables();
+    const at::Tensor &inv_norm = saved[0], &exp_logits_ = saved[1], &log_partition = saved[2];
+    at::Tensor both = ctx->saved_data["both"].toTensor();
+    const double beta = ctx->saved_data["beta"].toDouble();
+    const int64_t rows = both.size(0), n = rows / 2, dim = both.size(1) / 2;
+    const double scale = grad_outputs[0].item<double>() / static_cast<double>(rows);
+    at::Tensor row_factor = at::empty({rows}, both.options());
+    AT_DISPATCH_FLOATING_TYPES(both.scalar_type(), "simclr_weights", [&] {
+      scalar_t* b = both.data_ptr<scalar_t>();
+      scalar_t* f = row_factor.data_ptr<scalar_t>();
+      const scalar_t* lz = log_partition.const_data_ptr<scalar_t>();
+      at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          // P = w E, w = exp(-log Z) * scale: the softmax with the loss gradient's 1/R; beta from the logits
+          const scalar_t factor = static_cast<scalar_t>(std::exp(-static_cast<double>(lz[r])) * scale * beta);
+          f[r] = factor;
+          scalar_t* a = b + r * 2 * dim;
+          for (int64_t d = 0; d < dim; ++d) a[dim + d] = a[d] * factor;
+        }
+      });
+    });
+    at::Tensor products = at::mm(exp_logits_, both);  // [E a | E (w a)]
+    at::Tensor grad = at::empty({rows, dim}, both.options());
+    AT_DISPATCH_FLOATING_TYPES(both.scalar_type(), "simclr_backward", [&] {
+      const scalar_t* b = both.const_data_ptr<scalar_t>();
+      const scalar_t* pr = products.const_data_ptr<scalar_t>();
+      const scalar_t* f = row_factor.const_data_ptr<scalar_t>();
+      const scalar_t* inv = inv_norm.const_data_ptr<scalar_t>();
+      scalar_t* g = grad.data_ptr<scalar_t>();
+      // Minus one at the positive, once for row r (a[p(r)]) and once for column r, which is the positive of row
+      // p(r) (p(p(r)) = r), so a[p(r)] again: -2 * scale * beta * a[p(r)].
+      const scalar_t minus = static_cast<scalar_t>(-2 * scale * beta);
+      at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const scalar_t* p = pr + r * 2 * dim;
+          const scalar_t* a = b + r * 2 * dim;
+          const scalar_t* a_positive = b + ((r + n) % rows) * 2 * dim;
+          scalar_t* gr = g + r * dim;
+          // row side (E w a)[r] = w_r (E a)[r], column side (E (w a))[r]
+          for (int64_t d = 0; d < dim; ++d) gr[d] = p[dim + d] + p[d] * f[r] + minus * a_positive[d];
+          unit_backward_row(a, inv[r], dim, gr);
+        }
+      });
+    });
+    return {grad.narrow(0, 0, n), grad.narrow(0, n, n), at::Tensor(), at::Tensor()};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------- MoCo
+
+struct KeyedLoss : public torch::autograd::Function<KeyedLoss> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& queries, const at::Tensor& keys,
+                            const at::Tensor& candidates, double beta, int64_t tile_rows) {
+    check_inputs({queries, keys, candidates}, queries.size(1));
+    TORCH_CHECK(queries.size(0) == keys.size(0), "keyed_loss: queries and keys differ in rows");
+    const int64_t rows = queries.size(0), dim = queries.size(1);
+    at::Tensor a = at::empty({rows, dim}, queries.options()), inv_norm = at::empty({rows}, queries.options());
+    at::Tensor k = at::empty({rows, dim}, queries.options()), k_inv = at::empty({rows}, queries.options());
+    at::Tensor positive = at::empty({rows}, queries.options());
+    AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "keyed_forward", [&] {
+      const scalar_t* xq = queries.const_data_ptr<scalar_t>();
+      const scalar_t* xk = keys.const_data_ptr<scalar_t>();
+      scalar_t *ap = a.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
+      scalar_t *inv = inv_norm.data_ptr<scalar_t>(), *kinv = k_inv.data_ptr<scalar_t>();
+      scalar_t* pos = positive.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const scalar_t *q = xq + r * dim, *key = xk + r * dim;
+          const scalar_t inv_q = inverse_norm(q, dim), inv_k = inverse_norm(key, dim);
+          for (int64_t d = 0; d < dim; ++d) {
+            ap[r * dim + d] = q[d] * inv_q;
+            kp[r * dim + d] = key[d] * inv_k;
+          }
+          inv[r] = inv_q;
+          kinv[r] = inv_k;
+          pos[r] = static_cast<scalar_t>(beta) * dot(q, key, dim) * inv_q * inv_k;
+        }
+      });
+    });
+    at::Tensor partition = at::empty({rows}, queries.options());
+    at::Tensor exp_logits_ = exp_logits(a, candidates, beta, /*zero_diagonal=*/false, tile_rows, partition);
+    at::Tensor log_partition = at::empty({rows}, queries.options());
+    double loss = 0;
+    AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "keyed_loss", [&] {
+      scalar_t* z = partition.data_ptr<scalar_t>();
+      const scalar_t* pos = positive.const_data_ptr<scalar_t>();
+      for (int64_t r = 0; r < rows; ++r) z[r] += std::exp(pos[r]);  // the positive key's term of the sum
+      loss = mean_loss(z, pos, rows, log_partition.data_ptr<scalar_t>());
+    });
+    ctx->saved_data["beta"] = beta;
+    ctx->save_for_backward({a, inv_norm, k, k_inv, positive, exp_logits_, log_partition, candidates});
+    return at::scalar_tensor(loss, queries.options());
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
+    const tensor_list saved = ctx->get_saved_variables();
+    const at::Tensor &a = saved[0], &inv_norm = saved[1], &k = saved[2], &k_inv = saved[3];
+    const at::Tensor &positive = saved[4], &exp_logits_ = saved[5], &log_partition = saved[6];
+    const at::Tensor& candidates = saved[7];
+    const double beta = ctx->saved_data["beta"].toDouble();
+    const bool need_keys = ctx->needs_input_grad(1);
+    const int64_t rows = a.size(0), dim = a.size(1);
+    const double scale = grad_outputs[0].item<double>() / static_cast<double>(rows);
+    at::Tensor grad = at::mm(exp_logits_, candidates);  // E @ B, each row weighted below
+    at::Tensor grad_keys = need_keys ? at::empty({rows, dim}, a.options()) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "keyed_backward", [&] {
+      const scalar_t *ap = a.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>();
+      const scalar_t *inv = inv_norm.const_data_ptr<scalar_t>(), *kinv = k_inv.const_data_ptr<scalar_t>();
+      const scalar_t* pos = positive.const_data_ptr<scalar_t>();
+      const scalar_t* lz = log_partition.const_data_ptr<scalar_t>();
+      scalar_t* g = grad.data_ptr<scalar_t>();
+      scalar_t* gk = need_keys ? grad_keys.data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const double log_z = lz[r];
+          const scalar_t weight = static_cast<scalar_t>(std::exp(-log_z) * scale * beta);
+          // the positive key's softmax weight minus one, with beta and the loss gradient's 1/R
+          const scalar_t key_factor = static_cast<scalar_t>((std::exp(pos[r] - log_z) - 1) * scale * beta);
+          const scalar_t *ar = ap + r * dim, *kr = kp + r * dim;
+          scalar_t* gr = g + r * dim;
+          for (int64_t d = 0; d < dim; ++d) gr[d] = gr[d] * weight + kr[d] * key_factor;
+          unit_backward_row(ar, inv[r], dim, gr);
+          if (gk != nullptr) {
+            scalar_t* gkr = gk + r * dim;
+            for (int64_t d = 0; d < dim; ++d) gkr[d] = ar[d] * key_factor;
+            unit_backward_row(kr, kinv[r], dim, gkr);
+          }
+        }
+      });
+    });
+    return {grad, grad_keys, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor simclr_loss(const at::Tensor& z1, const at::Tensor& z2, double beta, int64_t tile_rows) {
+  return SimclrLoss::apply(z1, z2, beta, tile_rows);
+}
+
+at::Tensor keyed_loss(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& candidates, double beta,
+                      int64_t tile_rows) {
+  return KeyedLoss::apply(queries, keys, candidates, beta, tile_rows);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("simclr_loss", &simclr_loss, "One process's SimCLR loss of views z1, z2 (n, D) at inverse temperature beta");
+  m.def("keyed_loss", &keyed_loss, "MoCo's InfoNCE of queries and keys (n, D) against unit candidates (K, D)");
+}

@@ -1,0 +1,138 @@
+"""The fused C++ kernel of the two common contrastive losses, built on first use, with the eager path as fallback.
+
+``csrc/fused_ce.cpp`` computes one process's SimCLR loss and MoCo's InfoNCE (unit queue, no gradient into it)
+exactly as :func:`trainers.streamed_ce.contrastive_cross_entropy` does, as two C++ autograd functions: each
+(rows, D) step is one parallel loop over rows, and the only other work is the matrix products, ``exp`` and the row
+sums. At small sizes that removes most of the eager path's cost beyond the products (about 35 small Python-level
+ops and a Python autograd Function); ``benchmarks/bench_loss.py`` times both against the products alone.
+
+The kernel is compiled with the machine's C++ compiler through ``torch.utils.cpp_extension`` (about 20 s, once;
+the build is cached under ``~/.cache/torch_extensions`` and reused by every later process, Ray workers included;
+``scripts/setup.sh`` builds it). Where it cannot be built (no compiler, no Python headers), a warning says why
+once and the losses take the eager path, which gives the same values. Set ``CONTRASTIVE_STUDY_FUSED_LOSS=0`` to
+never use it; :func:`eager_only` turns it off within a block (tests and benchmarks compare the two).
+
+Run ``python -m trainers.fused_ce`` to build it and print whether it loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from trainers import streamed_ce
+
+SOURCE = Path(__file__).parent / "csrc" / "fused_ce.cpp"
+ENV_VAR = "CONTRASTIVE_STUDY_FUSED_LOSS"
+BUILD_NAME = "contrastive_study_fused_ce"
+# -fopenmp: at::parallel_for runs in parallel only when the including file is compiled with OpenMP (it then uses
+# the libgomp that torch has already loaded; nothing extra is linked).
+CFLAGS = ["-O3", "-fopenmp"]
+
+_eager_only = False
+
+
+@cache
+def load() -> ModuleType | None:
+    """The compiled kernel (built the first time, then loaded from the cache), or ``None`` with a warning."""
+    if os.environ.get(ENV_VAR, "1").strip().lower() in {"0", "false", "no", "off"}:
+        return None
+    # torch runs `ninja` from PATH; pip puts it beside this interpreter, which need not be on PATH.
+    scripts = str(Path(sys.executable).parent)
+    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "No CUDA runtime is found" (at import): irrelevant to a CPU kernel
+    try:
+        from torch.utils import cpp_extension
+
+        return cpp_extension.load(name=BUILD_NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
+    except Exception as error:  # any build or load failure: the eager path gives the same values
+        warnings.warn(f"fused contrastive loss unavailable, using the eager path: {error}", stacklevel=2)
+        return None
+    finally:
+        quiet.setLevel(level)
+
+
+@contextlib.contextmanager
+def eager_only() -> Iterator[None]:
+    """Within the block, the losses take the eager path even where the fused kernel is available."""
+    global _eager_only
+    previous, _eager_only = _eager_only, True
+    try:
+        yield
+    finally:
+        _eager_only = previous
+
+
+def _usable(tensors: tuple[Tensor, ...], beta: float) -> tuple[ModuleType, torch.dtype] | None:
+    """The kernel and the dtype to compute in, where the fused path applies: CPU tensors, a gradient to compute
+    (without one the eager path stores no logits at all) and unshifted logits (see streamed_ce._exp_logits)."""
+    if _eager_only or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return None
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    if dtype not in streamed_ce._SAFE_UNSHIFTED or beta > streamed_ce._SAFE_UNSHIFTED[dtype]:
+        return None
+    module = load()
+    return None if module is None else (module, dtype)
+
+
+def _tile_rows(columns: int, dtype: torch.dtype) -> int:
+    """Rows of logits made and exponentiated in one go (the eager path's tile budget, read at call time)."""
+    budget = streamed_ce.TILE_BYTES_PER_THREAD * torch.get_num_threads()
+    return max(1, budget // (columns * dtype.itemsize))
+
+
+def simclr_loss(z1: Tensor, z2: Tensor, beta: float) -> Tensor | None:
+    """One process's SimCLR loss (see :func:`trainers.losses.nt_xent`), or ``None`` where the fused path does
+    not apply (the caller then takes the eager path)."""
+    usable = _usable((z1, z2), beta)
+    if usable is None:
+        return None
+    module, dtype = usable
+    z1, z2 = z1.to(dtype).contiguous(), z2.to(dtype).contiguous()
+    return module.simclr_loss(z1, z2, beta, _tile_rows(2 * z1.shape[0], dtype))
+
+
+def keyed_loss(queries: Tensor, keys: Tensor, unit_candidates: Tensor, beta: float) -> Tensor | None:
+    """MoCo's InfoNCE against unit-norm candidates that get no gradient (see :func:`trainers.losses.info_nce`),
+    or ``None`` where the fused path does not apply."""
+    if unit_candidates.requires_grad and torch.is_grad_enabled():
+        return None
+    usable = _usable((queries, keys), beta)
+    if usable is None:
+        return None
+    module, dtype = usable
+    queries, keys = queries.to(dtype).contiguous(), keys.to(dtype).contiguous()
+    candidates = unit_candidates.to(dtype).contiguous()
+    return module.keyed_loss(queries, keys, candidates, beta, _tile_rows(candidates.shape[0], dtype))
+
+
+def main() -> int:
+    start = time.perf_counter()
+    module = load()
+    if module is None:
+        print(f"fused contrastive loss: not available ({ENV_VAR}={os.environ.get(ENV_VAR, 'unset')}; "
+              "see the warning above); the losses use the eager path")
+        return 0
+    print(f"fused contrastive loss: ready in {time.perf_counter() - start:.1f} s (built on first use, then "
+          f"cached: {module.__file__})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
