@@ -3,7 +3,9 @@
 What is measured, per call (median over interleaved rounds, in milliseconds):
 
 * ``nt_xent`` (SimCLR, ``trainers.losses``) on ``z1, z2`` of shape (N, D), N in {256, 1024, 4096}, D = 128,
-  both with gradient, against
+  both with gradient, as the trainers call it (``ours``: the fused C++ kernel of ``trainers.fused_ce`` where it is
+  built, which the header line says) and on the eager path alone (``ours eager``: ``trainers.streamed_ce``),
+  against
   - ``reference``: the textbook version written below: normalise ``cat(z1, z2)``, one full (2N x 2N) similarity
     matrix, diagonal set to -1e9 in place, ``cross_entropy`` with the other view as the target;
   - ``lightly``: ``lightly.loss.NTXentLoss(temperature)`` (four (N x N) blocks, the diagonal removed by indexing);
@@ -66,6 +68,7 @@ import torch.nn.functional as F
 from _common import calls_for, interleaved, machine_note, markdown_table, median, spread
 from torch import Tensor
 
+from trainers import fused_ce
 from trainers.losses import info_nce, nt_xent
 from trainers.runtime import keep_freed_memory
 from trainers.streamed_ce import BLOCK_COLUMNS
@@ -119,6 +122,16 @@ class Case:
     values: dict[str, Callable[[], tuple[Tensor, list[Tensor]]]] = field(default_factory=dict)
 
 
+def _eager(loss_fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """``loss_fn`` on the eager path (trainers.streamed_ce), even where the fused kernel is built."""
+
+    def call() -> Tensor:
+        with fused_ce.eager_only():
+            return loss_fn()
+
+    return call
+
+
 def _fwd_bwd(loss_fn: Callable[[], Tensor], leaves: list[Tensor]) -> Callable[[], None]:
     def call() -> None:
         loss_fn().backward()
@@ -158,6 +171,7 @@ def nt_xent_case(n: int, dim: int, temperature: float, *, use_lightly: bool) -> 
     leaves = [z1, z2]
     losses: dict[str, Callable[[], Tensor]] = {
         "ours": lambda: nt_xent(z1, z2, temperature=temperature),
+        "eager": _eager(lambda: nt_xent(z1, z2, temperature=temperature)),
         "reference": lambda: reference_nt_xent(z1, z2, temperature),
     }
     if use_lightly:
@@ -202,6 +216,7 @@ def info_nce_case(n: int, k: int, dim: int, temperature: float, *, use_lightly: 
     losses: dict[str, Callable[[], Tensor]] = {
         # As MoCo calls it: the queue holds unit keys, so ours skips re-normalising them (as the reference does).
         "ours": lambda: info_nce(query, key, queue, temperature=temperature, unit_negatives=True),
+        "eager": _eager(lambda: info_nce(query, key, queue, temperature=temperature, unit_negatives=True)),
         "reference": lambda: reference_info_nce(query, key, queue, temperature),
     }
     if use_lightly:
@@ -341,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     cases += [info_nce_case(args.queries, k, args.dim, INFO_NCE_TEMPERATURE, use_lightly=use_lightly)
               for k in args.queues]
 
-    print(f"# bench_loss: forward+backward per call ({machine_note()}; malloc: {malloc})\n")
+    kernel = "fused C++ kernel" if fused_ce.load() is not None else "fused kernel NOT available: eager path"
+    print(f"# bench_loss: forward+backward per call ({machine_note()}; malloc: {malloc}; ours: {kernel})\n")
     if not use_lightly:
         print(f"{lightly_note}\n" if LIGHTLY else f"lightly: {lightly_note}\n")
     check_rows, time_rows, memory_rows = [], [], []
@@ -359,18 +375,18 @@ def main(argv: list[str] | None = None) -> None:
         floor_ms = ms["floor"] if two_products is None else min(ms["floor"], two_products)
         lightly_ms = ms.get("lightly")
         time_rows.append([
-            case.label, f"{ms['ours']:.3f}", f"{ms['reference']:.3f}",
+            case.label, f"{ms['ours']:.3f}", f"{ms['eager']:.3f}", f"{ms['reference']:.3f}",
             f"{lightly_ms:.3f}" if lightly_ms is not None else NOT_INSTALLED,
             f"{ms['floor']:.3f}" + ("" if two_products is None else f" / {two_products:.3f}"),
             f"{ms['floor+exp']:.3f}", _ratio(ms["ours"], ms["reference"]), _ratio(ms["ours"], lightly_ms),
-            _ratio(ms["ours"], floor_ms), _ratio(ms["floor+exp"], floor_ms),
+            _ratio(ms["ours"], floor_ms), _ratio(ms["eager"], floor_ms), _ratio(ms["floor+exp"], floor_ms),
             spread(samples["ours"]), f"{args.rounds}x{calls}",
         ])
         logits_bytes = math.prod(case.logits_shape) * 4
         peaks = {name: peak_bytes(fn) for name, fn in case.contenders.items() if not name.startswith("floor")}
         memory_rows.append([
             case.label, "x".join(map(str, case.logits_shape)), f"{logits_bytes / 2**20:.1f}",
-            _mib(peaks["ours"]), _mib(peaks["reference"]),
+            _mib(peaks["ours"]), _mib(peaks["eager"]), _mib(peaks["reference"]),
             _mib(peaks["lightly"]) if "lightly" in peaks else NOT_INSTALLED,
             _ratio(peaks["ours"], logits_bytes) if peaks["ours"] is not None else "n/a",
         ])
@@ -383,11 +399,11 @@ def main(argv: list[str] | None = None) -> None:
     print("\n## Time: median ms per forward+backward call (interleaved)\n")
     print("floor (matmuls): for nt_xent, backward as one product with [A | W A] / as two products (G A, G^T A);"
           " ratios use the faster.\n")
-    print(markdown_table(["case", "ours", "reference", "lightly", "floor (matmuls)", "floor + exp/sum pass",
-                          "ours/ref", "ours/lightly", "ours/floor", "(floor + exp/sum)/floor", "ours spread",
-                          "rounds x calls"], time_rows))
+    print(markdown_table(["case", "ours", "ours eager", "reference", "lightly", "floor (matmuls)",
+                          "floor + exp/sum pass", "ours/ref", "ours/lightly", "ours/floor", "eager/floor",
+                          "(floor + exp/sum)/floor", "ours spread", "rounds x calls"], time_rows))
     print("\n## Peak memory of one forward+backward (torch.profiler, CPU allocations, MiB)\n")
-    print(markdown_table(["case", "logits", "one logits matrix", "ours", "reference", "lightly",
+    print(markdown_table(["case", "logits", "one logits matrix", "ours", "ours eager", "reference", "lightly",
                           "ours in logits matrices"], memory_rows))
     print(f"\nFinished with {machine_note().split('; ')[-1]}.")
 

@@ -38,7 +38,9 @@ class SimCLR(ContrastiveMethod):
 
     def forward(self, view1: Tensor, view2: Tensor) -> StepOutput:
         z1, z2 = self.embed(view1), self.embed(view2)
-        rank, _ = world()
-        candidates = (gather_with_grad(z1), gather_with_grad(z2))
+        rank, world_size = world()
+        # One process: no candidates, so that the loss may take its one-process path (the fused kernel, or the
+        # eager kernel's symmetric backward): the same values as candidates (z1, z2) at offset 0.
+        candidates = None if world_size == 1 else (gather_with_grad(z1), gather_with_grad(z2))
         loss = nt_xent(z1, z2, temperature=self.temperature, candidates=candidates, offset=rank * z1.shape[0])
         return StepOutput(loss, pair_diagnostics(z1, z2))
