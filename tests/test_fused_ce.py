@@ -158,6 +158,28 @@ def test_low_precision_inputs_are_computed_in_float32() -> None:
     assert z1.grad is not None and z1.grad.dtype == torch.bfloat16 and torch.isfinite(z1.grad.float()).all()
 
 
+def test_strided_and_mixed_dtype_inputs() -> None:
+    """Non-contiguous views and keys of another dtype: the kernel converts them as the eager path does."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(10, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    z1, z2 = base[:, ::2], base[:, 1::2]  # (10, 6) views with stride 2
+    loss = nt_xent(z1, z2, temperature=0.4)
+    assert loss.grad_fn.name().endswith("SimclrLoss>")
+    expected = reference_simclr(z1, z2, 0.4)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(_grads(loss, [base])[0], _grads(expected, [base])[0])
+    q = torch.randn(5, 6, generator=gen).bfloat16().requires_grad_()
+    k = torch.randn(5, 6, generator=gen, requires_grad=True)
+    queue = F.normalize(torch.randn(9, 6, generator=gen, dtype=torch.float64), dim=1)
+    loss = info_nce(q, k, queue, temperature=0.2, unit_negatives=True)
+    assert loss.grad_fn.name().endswith("KeyedLoss>") and loss.dtype == torch.float32
+    expected = reference_moco(q.float(), k, queue.float(), 0.2)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    grad_q, grad_k = _grads(loss, [q, k])
+    assert grad_q.dtype == torch.bfloat16 and grad_k.dtype == torch.float32
+    torch.testing.assert_close(grad_k, _grads(expected, [k])[0], rtol=1e-4, atol=1e-6)
+
+
 def test_a_second_backward_gives_the_same_gradient() -> None:
     """The backward writes w a into a buffer of the forward's; a retained graph must give the same result twice."""
     z1, z2 = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
@@ -166,6 +188,17 @@ def test_a_second_backward_gives_the_same_gradient() -> None:
     second = torch.autograd.grad(loss, [z1, z2])
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_second_derivative_is_refused_not_silently_wrong() -> None:
+    z1, z2 = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    loss = nt_xent(z1, z2, temperature=0.3)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss, [z1], create_graph=True)
+    q, k = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+    loss = info_nce(q, k, F.normalize(torch.randn(6, 8), dim=1), temperature=0.2, unit_negatives=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss, [q], create_graph=True)
 
 
 def test_a_queue_changed_before_the_backward_is_refused() -> None:

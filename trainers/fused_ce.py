@@ -103,8 +103,7 @@ def simclr_loss(z1: Tensor, z2: Tensor, beta: float) -> Tensor | None:
     usable = _usable((z1, z2), beta)
     if usable is None:
         return None
-    module, dtype = usable
-    z1, z2 = z1.to(dtype).contiguous(), z2.to(dtype).contiguous()
+    module, dtype = usable  # the kernel converts to dtype and makes the inputs contiguous
     return module.simclr_loss(z1, z2, beta, _tile_rows(2 * z1.shape[0], dtype))
 
 
@@ -116,10 +115,8 @@ def keyed_loss(queries: Tensor, keys: Tensor, unit_candidates: Tensor, beta: flo
     usable = _usable((queries, keys), beta)
     if usable is None:
         return None
-    module, dtype = usable
-    queries, keys = queries.to(dtype).contiguous(), keys.to(dtype).contiguous()
-    candidates = unit_candidates.to(dtype).contiguous()
-    return module.keyed_loss(queries, keys, candidates, beta, _tile_rows(candidates.shape[0], dtype))
+    module, dtype = usable  # the kernel converts to dtype and makes the inputs contiguous
+    return module.keyed_loss(queries, keys, unit_candidates, beta, _tile_rows(unit_candidates.shape[0], dtype))
 
 
 def main() -> int:

@@ -15,8 +15,8 @@
 //     logit); the candidates (the queue) are unit vectors already and get no gradient.
 //
 // Both assume unshifted logits: beta small enough that exp(+-beta) times the number of columns is a normal float,
-// so exp needs no max subtracted (the Python side checks, see streamed_ce._SAFE_UNSHIFTED). Inputs are contiguous
-// float32 or float64 CPU tensors of one dtype (the Python side converts).
+// so exp needs no max subtracted (the Python side checks, see streamed_ce._SAFE_UNSHIFTED). Inputs are CPU matrices
+// of any floating dtype; the loss is computed in the first input's dtype promoted to at least float32.
 
 #include <torch/extension.h>
 
@@ -34,8 +34,8 @@ using torch::autograd::tensor_list;
 constexpr double kNormEps = 1e-12;  // as F.normalize
 constexpr int64_t kGrain = 16;      // rows per parallel chunk: a row is a few hundred flops
 
-// x . y, vectorised: the simd reduction lets the compiler keep several partial sums (a plain loop is one serial
-// chain of dependent adds).
+// x . y, vectorised: the simd reduction lets the compiler add in vector lanes (a plain loop, without -ffast-math,
+// is one serial chain of dependent adds).
 template <typename T>
 inline T dot(const T* x, const T* y, int64_t dim) {
   T sum = 0;
@@ -92,20 +92,33 @@ double mean_loss(const T* partition, const T* positive, int64_t rows, T* log_par
   return total / static_cast<double>(rows);
 }
 
-void check_inputs(const std::vector<at::Tensor>& tensors, int64_t dim) {
+// The backward is written by hand on raw memory: it makes no graph, so a second derivative would be silently wrong.
+// (Grad mode is on inside a backward only under create_graph=True.)
+void refuse_double_backward() {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "the fused contrastive loss has no second derivative (create_graph=True); "
+              "set CONTRASTIVE_STUDY_FUSED_LOSS=0 to use the eager path, which refuses it only when it is used");
+}
+
+// The inputs as contiguous matrices of the dtype the loss is computed in: the first input's, promoted to at least
+// float32 (bf16/fp16 embeddings are computed in float32, as on the eager path).
+std::vector<at::Tensor> prepare_inputs(const std::vector<at::Tensor>& tensors) {
+  const at::ScalarType dtype = at::promote_types(tensors[0].scalar_type(), at::kFloat);
+  std::vector<at::Tensor> prepared;
   for (const at::Tensor& t : tensors) {
-    TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.size(1) == dim && t.is_contiguous(),
-                "fused contrastive loss: expected contiguous CPU matrices with ", dim, " columns");
-    TORCH_CHECK(t.scalar_type() == tensors[0].scalar_type(), "fused contrastive loss: mixed dtypes");
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && t.size(1) == tensors[0].size(1),
+                "fused contrastive loss: expected CPU matrices with ", tensors[0].size(1), " columns");
+    prepared.push_back(t.to(dtype).contiguous());
   }
+  return prepared;
 }
 
 // -------------------------------------------------------------------------------------------------- SimCLR
 
 struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& z1, const at::Tensor& z2, double beta,
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& view1, const at::Tensor& view2, double beta,
                             int64_t tile_rows) {
-    check_inputs({z1, z2}, z1.size(1));
+    const std::vector<at::Tensor> inputs = prepare_inputs({view1, view2});
+    const at::Tensor &z1 = inputs[0], &z2 = inputs[1];
     TORCH_CHECK(z1.size(0) == z2.size(0), "simclr_loss: z1 and z2 differ in rows");
     const int64_t n = z1.size(0), rows = 2 * n, dim = z1.size(1);
     // [a | w a]: the forward writes the unit rows a on the left, the backward w a on the right.
@@ -146,11 +159,14 @@ struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
     // both is written again by the backward, so it is not a saved variable (whose version autograd checks).
     ctx->saved_data["both"] = both;
     ctx->saved_data["beta"] = beta;
+    ctx->saved_data["dtypes"] = std::vector<int64_t>{static_cast<int64_t>(view1.scalar_type()),
+                                                     static_cast<int64_t>(view2.scalar_type())};
     ctx->save_for_backward({inv_norm, exp_logits_, log_partition});
     return at::scalar_tensor(loss, z1.options());
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
+    refuse_double_backward();
     const tensor_list saved = ctx->get_saved_variables();
     const at::Tensor &inv_norm = saved[0], &exp_logits_ = saved[1], &log_partition = saved[2];
     at::Tensor both = ctx->saved_data["both"].toTensor();
@@ -195,16 +211,19 @@ struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
         }
       });
     });
-    return {grad.narrow(0, 0, n), grad.narrow(0, n, n), at::Tensor(), at::Tensor()};
+    const std::vector<int64_t> dtypes = ctx->saved_data["dtypes"].toIntVector();
+    return {grad.narrow(0, 0, n).to(static_cast<at::ScalarType>(dtypes[0])),
+            grad.narrow(0, n, n).to(static_cast<at::ScalarType>(dtypes[1])), at::Tensor(), at::Tensor()};
   }
 };
 
 // ---------------------------------------------------------------------------------------------------- MoCo
 
 struct KeyedLoss : public torch::autograd::Function<KeyedLoss> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& queries, const at::Tensor& keys,
-                            const at::Tensor& candidates, double beta, int64_t tile_rows) {
-    check_inputs({queries, keys, candidates}, queries.size(1));
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& query_input, const at::Tensor& key_input,
+                            const at::Tensor& candidate_input, double beta, int64_t tile_rows) {
+    const std::vector<at::Tensor> inputs = prepare_inputs({query_input, key_input, candidate_input});
+    const at::Tensor &queries = inputs[0], &keys = inputs[1], &candidates = inputs[2];
     TORCH_CHECK(queries.size(0) == keys.size(0), "keyed_loss: queries and keys differ in rows");
     const int64_t rows = queries.size(0), dim = queries.size(1);
     at::Tensor a = at::empty({rows, dim}, queries.options()), inv_norm = at::empty({rows}, queries.options());
@@ -241,11 +260,14 @@ struct KeyedLoss : public torch::autograd::Function<KeyedLoss> {
       loss = mean_loss(z, pos, rows, log_partition.data_ptr<scalar_t>());
     });
     ctx->saved_data["beta"] = beta;
+    ctx->saved_data["dtypes"] = std::vector<int64_t>{static_cast<int64_t>(query_input.scalar_type()),
+                                                     static_cast<int64_t>(key_input.scalar_type())};
     ctx->save_for_backward({a, inv_norm, k, k_inv, positive, exp_logits_, log_partition, candidates});
     return at::scalar_tensor(loss, queries.options());
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
+    refuse_double_backward();
     const tensor_list saved = ctx->get_saved_variables();
     const at::Tensor &a = saved[0], &inv_norm = saved[1], &k = saved[2], &k_inv = saved[3];
     const at::Tensor &positive = saved[4], &exp_logits_ = saved[5], &log_partition = saved[6];
@@ -281,7 +303,10 @@ struct KeyedLoss : public torch::autograd::Function<KeyedLoss> {
         }
       });
     });
-    return {grad, grad_keys, at::Tensor(), at::Tensor(), at::Tensor()};
+    const std::vector<int64_t> dtypes = ctx->saved_data["dtypes"].toIntVector();
+    return {grad.to(static_cast<at::ScalarType>(dtypes[0])),
+            need_keys ? grad_keys.to(static_cast<at::ScalarType>(dtypes[1])) : at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
   }
 };
 
