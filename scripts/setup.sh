@@ -28,6 +28,6 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     .venv/bin/python -m pip install -q -e '.[test]'
     echo "$WANT" > "$STAMP"
 fi
-# The fused C++ loss kernel: built once here (about 20 s) so that no training run waits for the compiler; where it
+# The fused C++ loss kernel: built once here (20-30 s) so that no training run waits for the compiler; where it
 # cannot be built, this prints why and the losses use the eager path (same values, slower at small batches).
 .venv/bin/python -m trainers.fused_ce

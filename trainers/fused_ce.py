@@ -6,7 +6,7 @@ exactly as :func:`trainers.streamed_ce.contrastive_cross_entropy` does, as two C
 sums. At small sizes that removes most of the eager path's cost beyond the products (about 35 small Python-level
 ops and a Python autograd Function); ``benchmarks/bench_loss.py`` times both against the products alone.
 
-The kernel is compiled with the machine's C++ compiler through ``torch.utils.cpp_extension`` (about 20 s, once;
+The kernel is compiled with the machine's C++ compiler through ``torch.utils.cpp_extension`` (20-30 s, once;
 the build is cached under ``~/.cache/torch_extensions`` and reused by every later process, Ray workers included;
 ``scripts/setup.sh`` builds it). Where it cannot be built (no compiler, no Python headers), a warning says why
 once and the losses take the eager path, which gives the same values. Set ``CONTRASTIVE_STUDY_FUSED_LOSS=0`` to
