@@ -91,12 +91,6 @@ def _usable(tensors: tuple[Tensor, ...], beta: float) -> tuple[ModuleType, torch
     return None if module is None else (module, dtype)
 
 
-def _tile_rows(columns: int, dtype: torch.dtype) -> int:
-    """Rows of logits made and exponentiated in one go (the eager path's tile budget, read at call time)."""
-    budget = streamed_ce.TILE_BYTES_PER_THREAD * torch.get_num_threads()
-    return max(1, budget // (columns * dtype.itemsize))
-
-
 def simclr_loss(z1: Tensor, z2: Tensor, beta: float) -> Tensor | None:
     """One process's SimCLR loss (see :func:`trainers.losses.nt_xent`), or ``None`` where the fused path does
     not apply (the caller then takes the eager path)."""
@@ -104,7 +98,7 @@ def simclr_loss(z1: Tensor, z2: Tensor, beta: float) -> Tensor | None:
     if usable is None:
         return None
     module, dtype = usable  # the kernel converts to dtype and makes the inputs contiguous
-    return module.simclr_loss(z1, z2, beta, _tile_rows(2 * z1.shape[0], dtype))
+    return module.simclr_loss(z1, z2, beta, streamed_ce.cpu_tile_rows(2 * z1.shape[0], dtype.itemsize))
 
 
 def keyed_loss(queries: Tensor, keys: Tensor, unit_candidates: Tensor, beta: float) -> Tensor | None:
@@ -116,7 +110,8 @@ def keyed_loss(queries: Tensor, keys: Tensor, unit_candidates: Tensor, beta: flo
     if usable is None:
         return None
     module, dtype = usable  # the kernel converts to dtype and makes the inputs contiguous
-    return module.keyed_loss(queries, keys, unit_candidates, beta, _tile_rows(unit_candidates.shape[0], dtype))
+    tile_rows = streamed_ce.cpu_tile_rows(unit_candidates.shape[0], dtype.itemsize)
+    return module.keyed_loss(queries, keys, unit_candidates, beta, tile_rows)
 
 
 def main() -> int:

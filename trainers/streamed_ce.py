@@ -70,6 +70,12 @@ def tile_bytes_per_thread(cache_bytes: int | None, threads: int) -> int:
 
 
 TILE_BYTES_PER_THREAD = tile_bytes_per_thread(last_level_cache_bytes(), torch.get_num_threads())
+
+
+def cpu_tile_rows(columns: int, element_size: int) -> int:
+    """Rows of logits made and exponentiated in one go on the CPU: the threads' tile budget
+    (``TILE_BYTES_PER_THREAD``, read at call time) over the bytes of one row, at least 1."""
+    return max(1, TILE_BYTES_PER_THREAD * torch.get_num_threads() // (columns * element_size))
 # Columns per stored block: wide enough that the backward's matrix products run at full speed.
 BLOCK_COLUMNS = 4096
 NORM_EPS = 1e-12  # as F.normalize
@@ -144,10 +150,8 @@ def _exp_logits(
     num_rows, num_columns = rows.shape[0], columns.shape[0]
     width = min(num_columns, BLOCK_COLUMNS)
     starts = range(0, num_columns, width)
-    if rows.device.type == "cpu":
-        tile_rows = max(1, TILE_BYTES_PER_THREAD * torch.get_num_threads() // (width * rows.element_size()))
-    else:  # accelerators: fewer, larger kernels beat cache-sized tiles
-        tile_rows = num_rows
+    # accelerators: fewer, larger kernels beat cache-sized tiles
+    tile_rows = cpu_tile_rows(width, rows.element_size()) if rows.device.type == "cpu" else num_rows
     unshifted = beta <= _SAFE_UNSHIFTED[rows.dtype]
     maxima = None if unshifted else rows.new_empty(len(starts), num_rows)
     sums = rows.new_empty(len(starts), num_rows)
