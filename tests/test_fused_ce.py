@@ -181,7 +181,8 @@ def test_strided_and_mixed_dtype_inputs() -> None:
 
 
 def test_a_second_backward_gives_the_same_gradient() -> None:
-    """The backward writes w a into a buffer of the forward's; a retained graph must give the same result twice."""
+    """The backward scales the forward's E in place; a retained graph's second backward recomputes E and must give
+    the same result."""
     z1, z2 = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
     loss = nt_xent(z1, z2, temperature=0.3)
     first = torch.autograd.grad(loss, [z1, z2], retain_graph=True)

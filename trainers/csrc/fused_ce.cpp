@@ -10,7 +10,7 @@
 //   simclr_loss(z1, z2, beta, tile_rows): one process's SimCLR. Rows are [z1; z2], row r's positive is the other
 //     view of its image, column (r + n) mod 2n, and an anchor is not its own negative. With unit rows a, the
 //     exponentiated logits E = exp(beta a a^T) (diagonal zeroed) are symmetric, so the backward's row side
-//     E (w a) and column side E^T (w a) are one product E @ [a | w a].
+//     W E a and column side E W a (W = diag(1 / row sums)) are one product (W E + E W) @ a.
 //   keyed_loss(queries, keys, candidates, beta, tile_rows): MoCo. Each query's positive is its own key (an extra
 //     logit); the candidates (the queue) are unit vectors already and get no gradient.
 //
@@ -55,6 +55,13 @@ template <typename T>
 inline void unit_backward_row(const T* u, T inv_norm, int64_t dim, T* g) {
   const T along = inv_norm < T(1 / kNormEps) ? dot(u, g, dim) : T(0);
   for (int64_t d = 0; d < dim; ++d) g[d] = (g[d] - u[d] * along) * inv_norm;
+}
+
+// In place: e[c] *= (f_r + f[c]), one row of E W + W E (a pragma cannot sit inside AT_DISPATCH's macro argument).
+template <typename T>
+inline void scale_symmetric_row(T* e, const T* f, T f_r, int64_t columns) {
+#pragma omp simd
+  for (int64_t c = 0; c < columns; ++c) e[c] *= f_r + f[c];
 }
 
 // E = exp(beta * rows @ columns^T), one tile of rows at a time so that each tile is exponentiated while it is in
@@ -121,14 +128,13 @@ struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
     const at::Tensor &z1 = inputs[0], &z2 = inputs[1];
     TORCH_CHECK(z1.size(0) == z2.size(0), "simclr_loss: z1 and z2 differ in rows");
     const int64_t n = z1.size(0), rows = 2 * n, dim = z1.size(1);
-    // [a | w a]: the forward writes the unit rows a on the left, the backward w a on the right.
-    at::Tensor both = at::empty({rows, 2 * dim}, z1.options());
+    at::Tensor unit = at::empty({rows, dim}, z1.options());  // a = [z1; z2] with unit rows
     at::Tensor inv_norm = at::empty({rows}, z1.options());
     at::Tensor positive = at::empty({rows}, z1.options());
     AT_DISPATCH_FLOATING_TYPES(z1.scalar_type(), "simclr_forward", [&] {
       const scalar_t* x1 = z1.const_data_ptr<scalar_t>();
       const scalar_t* x2 = z2.const_data_ptr<scalar_t>();
-      scalar_t* b = both.data_ptr<scalar_t>();
+      scalar_t* u = unit.data_ptr<scalar_t>();
       scalar_t* inv = inv_norm.data_ptr<scalar_t>();
       scalar_t* pos = positive.data_ptr<scalar_t>();
       // Image i's two views, rows i and n + i, are each other's positive: one pass over the pair.
@@ -136,7 +142,7 @@ struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
         for (int64_t i = begin; i < end; ++i) {
           const scalar_t *v1 = x1 + i * dim, *v2 = x2 + i * dim;
           const scalar_t inv1 = inverse_norm(v1, dim), inv2 = inverse_norm(v2, dim);
-          scalar_t *a1 = b + i * 2 * dim, *a2 = b + (n + i) * 2 * dim;
+          scalar_t *a1 = u + i * dim, *a2 = u + (n + i) * dim;
           for (int64_t d = 0; d < dim; ++d) {
             a1[d] = v1[d] * inv1;
             a2[d] = v2[d] * inv2;
@@ -148,7 +154,6 @@ struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
       });
     });
     at::Tensor partition = at::empty({rows}, z1.options());
-    at::Tensor unit = both.narrow(1, 0, dim);
     at::Tensor exp_logits_ = exp_logits(unit, unit, beta, /*zero_diagonal=*/true, tile_rows, partition);
     at::Tensor log_partition = at::empty({rows}, z1.options());
     double loss = 0;
@@ -156,44 +161,55 @@ struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
       loss = mean_loss(partition.const_data_ptr<scalar_t>(), positive.const_data_ptr<scalar_t>(), rows,
                        log_partition.data_ptr<scalar_t>());
     });
-    // both is written again by the backward, so it is not a saved variable (whose version autograd checks).
-    ctx->saved_data["both"] = both;
+    // The backward turns E into its gradient weights in place, so E is not a saved variable (whose version
+    // autograd checks); a second backward (retained graph) finds it used and recomputes it from the unit rows.
+    ctx->saved_data["exp_logits"] = exp_logits_;
+    ctx->saved_data["exp_logits_used"] = false;
     ctx->saved_data["beta"] = beta;
+    ctx->saved_data["tile_rows"] = tile_rows;
     ctx->saved_data["dtypes"] = std::vector<int64_t>{static_cast<int64_t>(view1.scalar_type()),
                                                      static_cast<int64_t>(view2.scalar_type())};
-    ctx->save_for_backward({inv_norm, exp_logits_, log_partition});
+    ctx->save_for_backward({unit, inv_norm, log_partition});
     return at::scalar_tensor(loss, z1.options());
   }
 
+  // With P = W E the softmax (W = diag(w), w = 1/Z) and logits beta a a^T, the gradient of the partition terms
+  // is beta (P + P^T) a = beta (W E + E W) a: E scaled in place by (w_r + w_c), then one (R x R) @ (R x D) product.
+  // That is half the flops of E @ [a | w a] (the two sides as one product of 2D columns), for one pass over E that
+  // runs tile by tile, just before each tile's product reads it from cache.
   static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
     refuse_double_backward();
     const tensor_list saved = ctx->get_saved_variables();
-    const at::Tensor &inv_norm = saved[0], &exp_logits_ = saved[1], &log_partition = saved[2];
-    at::Tensor both = ctx->saved_data["both"].toTensor();
+    const at::Tensor &unit = saved[0], &inv_norm = saved[1], &log_partition = saved[2];
     const double beta = ctx->saved_data["beta"].toDouble();
-    const int64_t rows = both.size(0), n = rows / 2, dim = both.size(1) / 2;
+    const int64_t tile_rows = ctx->saved_data["tile_rows"].toInt();
+    const int64_t rows = unit.size(0), n = rows / 2, dim = unit.size(1);
+    at::Tensor weights = ctx->saved_data["exp_logits"].toTensor();
+    if (ctx->saved_data["exp_logits_used"].toBool()) {
+      at::Tensor partition = at::empty({rows}, unit.options());
+      weights = exp_logits(unit, unit, beta, /*zero_diagonal=*/true, tile_rows, partition);
+    }
+    ctx->saved_data["exp_logits_used"] = true;
     const double scale = grad_outputs[0].item<double>() / static_cast<double>(rows);
-    at::Tensor row_factor = at::empty({rows}, both.options());
-    AT_DISPATCH_FLOATING_TYPES(both.scalar_type(), "simclr_weights", [&] {
-      scalar_t* b = both.data_ptr<scalar_t>();
+    at::Tensor row_factor = at::empty({rows}, unit.options());
+    at::Tensor grad = at::empty({rows, dim}, unit.options());
+    AT_DISPATCH_FLOATING_TYPES(unit.scalar_type(), "simclr_backward", [&] {
       scalar_t* f = row_factor.data_ptr<scalar_t>();
       const scalar_t* lz = log_partition.const_data_ptr<scalar_t>();
-      at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          // P = w E, w = exp(-log Z) * scale: the softmax with the loss gradient's 1/R; beta from the logits
-          const scalar_t factor = static_cast<scalar_t>(std::exp(-static_cast<double>(lz[r])) * scale * beta);
-          f[r] = factor;
-          scalar_t* a = b + r * 2 * dim;
-          for (int64_t d = 0; d < dim; ++d) a[dim + d] = a[d] * factor;
-        }
-      });
-    });
-    at::Tensor products = at::mm(exp_logits_, both);  // [E a | E (w a)]
-    at::Tensor grad = at::empty({rows, dim}, both.options());
-    AT_DISPATCH_FLOATING_TYPES(both.scalar_type(), "simclr_backward", [&] {
-      const scalar_t* b = both.const_data_ptr<scalar_t>();
-      const scalar_t* pr = products.const_data_ptr<scalar_t>();
-      const scalar_t* f = row_factor.const_data_ptr<scalar_t>();
+      // w_r with the loss gradient's 1/R and beta from the logits
+      for (int64_t r = 0; r < rows; ++r) {
+        f[r] = static_cast<scalar_t>(std::exp(-static_cast<double>(lz[r])) * scale * beta);
+      }
+      scalar_t* e = weights.data_ptr<scalar_t>();
+      for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
+        const int64_t r1 = std::min(r0 + tile_rows, rows);
+        at::parallel_for(r0, r1, kGrain, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) scale_symmetric_row(e + r * rows, f, f[r], rows);
+        });
+        at::Tensor grad_tile = grad.narrow(0, r0, r1 - r0);
+        at::mm_out(grad_tile, weights.narrow(0, r0, r1 - r0), unit);
+      }
+      const scalar_t* u = unit.const_data_ptr<scalar_t>();
       const scalar_t* inv = inv_norm.const_data_ptr<scalar_t>();
       scalar_t* g = grad.data_ptr<scalar_t>();
       // Minus one at the positive, once for row r (a[p(r)]) and once for column r, which is the positive of row
@@ -201,13 +217,10 @@ struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
       const scalar_t minus = static_cast<scalar_t>(-2 * scale * beta);
       at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const scalar_t* p = pr + r * 2 * dim;
-          const scalar_t* a = b + r * 2 * dim;
-          const scalar_t* a_positive = b + ((r + n) % rows) * 2 * dim;
+          const scalar_t* a_positive = u + ((r + n) % rows) * dim;
           scalar_t* gr = g + r * dim;
-          // row side (E w a)[r] = w_r (E a)[r], column side (E (w a))[r]
-          for (int64_t d = 0; d < dim; ++d) gr[d] = p[dim + d] + p[d] * f[r] + minus * a_positive[d];
-          unit_backward_row(a, inv[r], dim, gr);
+          for (int64_t d = 0; d < dim; ++d) gr[d] += minus * a_positive[d];
+          unit_backward_row(u + r * dim, inv[r], dim, gr);
         }
       });
     });
