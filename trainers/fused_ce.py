@@ -1,10 +1,13 @@
 """The fused C++ kernel of the two common contrastive losses, built on first use, with the eager path as fallback.
 
 ``csrc/fused_ce.cpp`` computes one process's SimCLR loss and MoCo's InfoNCE (unit queue, no gradient into it)
-exactly as :func:`trainers.streamed_ce.contrastive_cross_entropy` does, as two C++ autograd functions: each
-(rows, D) step is one parallel loop over rows, and the only other work is the matrix products, ``exp`` and the row
-sums. At small sizes that removes most of the eager path's cost beyond the products (about 35 small Python-level
-ops and a Python autograd Function); ``benchmarks/bench_loss.py`` times both against the products alone.
+as :func:`trainers.streamed_ce.contrastive_cross_entropy` does, as two C++ autograd functions: each (rows, D) step
+is one parallel loop over rows, and the only other work is the matrix products, ``exp``, the row sums and (SimCLR)
+one scaling pass over the exponentiated logits. At small sizes that removes most of the eager path's cost beyond the
+products (about 35 small Python-level ops and a Python autograd Function); ``benchmarks/bench_loss.py`` times both
+against the products alone. One difference in arithmetic: SimCLR's backward here is ``(W E + E W) @ a`` (E scaled
+in place, one product of D columns), where the eager path makes one product ``E @ [a | W a]`` of 2D columns; the
+two agree to float rounding (tests/test_fused_ce.py compares them).
 
 The kernel is compiled with the machine's C++ compiler through ``torch.utils.cpp_extension`` (20-30 s, once;
 the build is cached under ``~/.cache/torch_extensions`` and reused by every later process, Ray workers included;
