@@ -16,7 +16,8 @@ it needs (benchmarks/bench_loss.py measures both):
   to memory once, already exponentiated; no separate softmax, mask or log-probability matrix is made.
 * The stored tiles are the softmax up to one scale per (row, column block), so the backward is two matrix
   products with them (``dA = P @ B``, ``dB = P^T @ A``), rows scaled on the small (n, D) side. On one process's
-  SimCLR the exponentiated logits are symmetric and both are one product, ``E @ [A | w A]``. The "minus one at
+  SimCLR the exponentiated logits are symmetric and both are one product, ``E @ [A | w A]`` (the fused kernel,
+  :mod:`trainers.fused_ce`, scales E in place instead and makes ``(W E + E W) @ A``, half the flops). The "minus one at
   the positive" of the cross-entropy gradient is a slice-wise update on that side too (positives and exclusions
   are runs of rows at a fixed column shift, so no index tensor is gathered or scattered), and so is the L2
   normalisation.
