@@ -162,9 +162,9 @@ struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
                        log_partition.data_ptr<scalar_t>());
     });
     // The backward turns E into its gradient weights in place, so E is not a saved variable (whose version
-    // autograd checks); a second backward (retained graph) finds it used and recomputes it from the unit rows.
+    // autograd checks): the backward takes it out of ctx (a retained graph does not keep the used buffer alive),
+    // and a second backward finds none and recomputes it from the unit rows.
     ctx->saved_data["exp_logits"] = exp_logits_;
-    ctx->saved_data["exp_logits_used"] = false;
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["tile_rows"] = tile_rows;
     ctx->saved_data["dtypes"] = std::vector<int64_t>{static_cast<int64_t>(view1.scalar_type()),
@@ -184,12 +184,14 @@ struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
     const double beta = ctx->saved_data["beta"].toDouble();
     const int64_t tile_rows = ctx->saved_data["tile_rows"].toInt();
     const int64_t rows = unit.size(0), n = rows / 2, dim = unit.size(1);
-    at::Tensor weights = ctx->saved_data["exp_logits"].toTensor();
-    if (ctx->saved_data["exp_logits_used"].toBool()) {
+    at::Tensor weights;
+    if (ctx->saved_data.count("exp_logits") > 0) {
+      weights = ctx->saved_data["exp_logits"].toTensor();
+      ctx->saved_data.erase("exp_logits");
+    } else {
       at::Tensor partition = at::empty({rows}, unit.options());
       weights = exp_logits(unit, unit, beta, /*zero_diagonal=*/true, tile_rows, partition);
     }
-    ctx->saved_data["exp_logits_used"] = true;
     const double scale = grad_outputs[0].item<double>() / static_cast<double>(rows);
     at::Tensor row_factor = at::empty({rows}, unit.options());
     at::Tensor grad = at::empty({rows, dim}, unit.options());
