@@ -85,9 +85,21 @@ def load_note() -> str:
     return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min)"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else ``platform.processor()``) and the vector instructions
+    torch's own kernels use: machines of the same kind differ in both, and ratios move with them."""
+    name = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, torch kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
 def machine_note() -> str:
-    """One line: CPU count, torch threads, versions, load; printed above every table."""
+    """One line: CPU, torch threads, versions, load; printed above every table."""
     return (
-        f"{platform.machine()} with {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"{platform.machine()} with {os.cpu_count()} CPUs ({cpu_model()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}; {load_note()}"
     )

@@ -113,8 +113,10 @@ def keyed_loss(queries: Tensor, keys: Tensor, unit_candidates: Tensor, beta: flo
     if usable is None:
         return None
     module, dtype = usable  # the kernel converts to dtype and makes the inputs contiguous
-    tile_rows = streamed_ce.cpu_tile_rows(unit_candidates.shape[0], dtype.itemsize)
-    return module.keyed_loss(queries, keys, unit_candidates, beta, tile_rows)
+    # Tiles of column blocks, as on the eager path: a long queue in whole rows would leave too few rows per tile.
+    block_columns = min(unit_candidates.shape[0], streamed_ce.BLOCK_COLUMNS)
+    tile_rows = streamed_ce.cpu_tile_rows(block_columns, dtype.itemsize)
+    return module.keyed_loss(queries, keys, unit_candidates, beta, tile_rows, block_columns)
 
 
 def main() -> int:
