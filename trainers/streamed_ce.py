@@ -77,7 +77,10 @@ def cpu_tile_rows(columns: int, element_size: int) -> int:
     """Rows of logits made and exponentiated in one go on the CPU: the threads' tile budget
     (``TILE_BYTES_PER_THREAD``, read at call time) over the bytes of one row, at least 1."""
     return max(1, TILE_BYTES_PER_THREAD * torch.get_num_threads() // (columns * element_size))
-# Columns per stored block: wide enough that the backward's matrix products run at full speed.
+
+
+# Columns per stored block (and per tile of the fused MoCo kernel, trainers/fused_ce.py): wide enough that the
+# matrix products run at full speed, and a block of all rows leaves a tile many rows even against a long queue.
 BLOCK_COLUMNS = 4096
 NORM_EPS = 1e-12  # as F.normalize
 
