@@ -114,8 +114,7 @@ def keyed_loss(queries: Tensor, keys: Tensor, unit_candidates: Tensor, beta: flo
         return None
     module, dtype = usable  # the kernel converts to dtype and makes the inputs contiguous
     # Tiles of column blocks, as on the eager path: a long queue in whole rows would leave too few rows per tile.
-    block_columns = min(unit_candidates.shape[0], streamed_ce.BLOCK_COLUMNS)
-    tile_rows = streamed_ce.cpu_tile_rows(block_columns, dtype.itemsize)
+    tile_rows, block_columns = streamed_ce.cpu_block_tiles(unit_candidates.shape[0], dtype.itemsize)
     return module.keyed_loss(queries, keys, unit_candidates, beta, tile_rows, block_columns)
 
 

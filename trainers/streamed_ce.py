@@ -82,6 +82,13 @@ def cpu_tile_rows(columns: int, element_size: int) -> int:
 # Columns per stored block (and per tile of the fused MoCo kernel, trainers/fused_ce.py): wide enough that the
 # matrix products run at full speed, and a block of all rows leaves a tile many rows even against a long queue.
 BLOCK_COLUMNS = 4096
+
+
+def cpu_block_tiles(columns: int, element_size: int) -> tuple[int, int]:
+    """``(tile_rows, width)``: logits made on the CPU in column blocks of ``width`` (``BLOCK_COLUMNS`` at most),
+    each in tiles of as many rows as the threads' budget holds. The eager path and the fused MoCo kernel share it."""
+    width = min(columns, BLOCK_COLUMNS)
+    return cpu_tile_rows(width, element_size), width
 NORM_EPS = 1e-12  # as F.normalize
 
 _LOWEST = {dtype: torch.finfo(dtype).min for dtype in (torch.float32, torch.float64)}
@@ -152,10 +159,10 @@ def _exp_logits(
     pass but ``exp``; beyond that the true tile maxima are subtracted first.
     """
     num_rows, num_columns = rows.shape[0], columns.shape[0]
-    width = min(num_columns, BLOCK_COLUMNS)
+    tile_rows, width = cpu_block_tiles(num_columns, rows.element_size())
     starts = range(0, num_columns, width)
-    # accelerators: fewer, larger kernels beat cache-sized tiles
-    tile_rows = cpu_tile_rows(width, rows.element_size()) if rows.device.type == "cpu" else num_rows
+    if rows.device.type != "cpu":
+        tile_rows = num_rows  # accelerators: fewer, larger kernels beat cache-sized tiles
     unshifted = beta <= _SAFE_UNSHIFTED[rows.dtype]
     maxima = None if unshifted else rows.new_empty(len(starts), num_rows)
     sums = rows.new_empty(len(starts), num_rows)

@@ -74,9 +74,8 @@ at::Tensor exp_logits(const at::Tensor& rows, const at::Tensor& columns, double 
                       int64_t tile_rows, int64_t block_columns, at::Tensor& sums) {
   const int64_t num_rows = rows.size(0), num_columns = columns.size(0);
   at::Tensor exp_logits = at::empty({num_rows, num_columns}, rows.options());
-  const bool one_block = block_columns >= num_columns;
-  at::Tensor block_sums = one_block ? at::Tensor() : at::empty({num_rows}, rows.options());
-  if (!one_block) sums.zero_();
+  // the first block writes the row sums, later ones add theirs (through this buffer, made only if there are any)
+  at::Tensor block_sums = block_columns < num_columns ? at::empty({num_rows}, rows.options()) : at::Tensor();
   for (int64_t c0 = 0; c0 < num_columns; c0 += block_columns) {
     const int64_t c1 = std::min(c0 + block_columns, num_columns);
     const at::Tensor block_columns_t = columns.narrow(0, c0, c1 - c0).t();
@@ -92,13 +91,12 @@ at::Tensor exp_logits(const at::Tensor& rows, const at::Tensor& columns, double 
           for (int64_t r = std::max(r0, c0); r < std::min(r1, c1); ++r) e[r * num_columns + r] = 0;
         });
       }
-      if (one_block) {
-        at::Tensor tile_sums = sums.narrow(0, r0, r1 - r0);
+      at::Tensor tile_sums = sums.narrow(0, r0, r1 - r0);
+      if (c0 == 0) {
         at::sum_out(tile_sums, tile, {1});
       } else {
-        at::Tensor tile_sums = block_sums.narrow(0, r0, r1 - r0);
-        at::sum_out(tile_sums, tile, {1});
-        sums.narrow(0, r0, r1 - r0).add_(tile_sums);
+        at::Tensor later = block_sums.narrow(0, r0, r1 - r0);
+        tile_sums.add_(at::sum_out(later, tile, {1}));
       }
     }
   }
