@@ -35,8 +35,8 @@ import _common
 import pandas as pd
 
 from study import replay, results, storage
-from study.config import StudyConfig
-from study.launch import BASELINES_FILE, compute_baselines, run_study
+from study.config import SCHEDULERS, StudyConfig
+from study.launch import BASELINES_FILE, CONFIG_FILE, compute_baselines, run_study
 
 Rows = tuple[pd.DataFrame, pd.DataFrame]  # a study's (trials, epochs), as results.load returns them
 
@@ -52,6 +52,15 @@ def summary(rows: Rows, wall: float) -> dict[str, float]:
             # Counts, not seconds: what early stopping saved whatever the machine's speed was during each study.
             "epochs": len(epochs), "evaluations": int(completed["evaluation_time_s"].notna().sum()),
             "epoch_s": float(epochs["epoch_time_s"].mean())}
+
+
+def finished(study: StudyConfig) -> bool:
+    """Whether the study folder holds this very configuration with all its trials finished."""
+    saved = storage.join(study.study_dir, CONFIG_FILE)
+    if not storage.exists(saved) or storage.read_json(saved) != study.to_dict():
+        return False
+    trials, _ = results.load(study.study_dir)
+    return len(trials) == study.num_trials
 
 
 def machine_speed_factor(asha: Rows, none: Rows) -> tuple[float, int]:
@@ -82,19 +91,28 @@ def main() -> None:
     parser.add_argument("--num-trials", type=int, default=StudyConfig().num_trials)
     parser.add_argument("--seed", type=int, default=StudyConfig().seed,
                         help="the studies' seed (searcher and training); another seed is another draw of trial order")
+    parser.add_argument("--early-stopping", choices=[s for s in SCHEDULERS if s != "none"], default="asha",
+                        help="the scheduler compared with none: Ray's ASHA (default) or ASHA with promotions")
     args = parser.parse_args()
     base = StudyConfig(storage_path=args.storage_path, epochs=args.epochs, num_trials=args.num_trials, seed=args.seed)
     start = time.perf_counter()
     baselines = compute_baselines(StudyConfig.from_dict(base.to_dict() | {"name": "bench-asha-baselines"}))
     baseline_s = time.perf_counter() - start
     measured, study_dirs, loaded = {}, {}, {}
-    for scheduler in ("asha", "none"):
-        study = StudyConfig.from_dict(base.to_dict() | {"name": f"bench-asha-{scheduler}", "scheduler": scheduler})
-        storage.write_json(storage.join(study.study_dir, BASELINES_FILE), baselines)
-        start = time.perf_counter()
-        run_study(study)
-        wall = time.perf_counter() - start
-        loaded[scheduler] = results.load(study.study_dir)  # read once, for the summary and the speed factor
+    for scheduler in (args.early_stopping, "none"):
+        name = "bench-asha-asha" if scheduler == "asha" else f"bench-asha-{scheduler}"  # the first name kept
+        study = StudyConfig.from_dict(base.to_dict() | {"name": name, "scheduler": scheduler})
+        if finished(study):  # e.g. the no-early-stopping study of an earlier run with the same seed
+            print(f"{study.study_dir}: a finished study of this configuration, reused", flush=True)
+            loaded[scheduler] = results.load(study.study_dir)
+            trials = loaded[scheduler][0]
+            wall = (trials["finished_at"].max() - trials["started_at"].min()).total_seconds()
+        else:
+            storage.write_json(storage.join(study.study_dir, BASELINES_FILE), baselines)
+            start = time.perf_counter()
+            run_study(study)
+            wall = time.perf_counter() - start
+            loaded[scheduler] = results.load(study.study_dir)  # read once, for the summary and the speed factor
         measured[scheduler] = summary(loaded[scheduler], wall)
         study_dirs[scheduler] = study.study_dir
     print(f"\n{_common.machine_note()}")
@@ -106,12 +124,12 @@ def main() -> None:
     print(_common.markdown_table(["scheduler", "completed", "best trial", "best val linear", "its test linear",
                                   "compute (CPU-h)", "wall (min)", "epochs trained", "final evaluations",
                                   "mean epoch (s)"], rows))
-    asha, none = measured["asha"], measured["none"]
+    asha, none = measured[args.early_stopping], measured["none"]
     print(f"\nASHA - none, best validation accuracy: {(asha['best_val'] - none['best_val']) * 100:+.2f} points; "
           f"ASHA compute / none compute: {asha['compute_h'] / none['compute_h']:.2f}; "
           f"wall time ratio: {asha['wall_min'] / none['wall_min']:.2f}; epochs trained: "
           f"{asha['epochs'] / none['epochs']:.2f}; final evaluations: {asha['evaluations'] / none['evaluations']:.2f}")
-    factor, shared = machine_speed_factor(loaded["asha"], loaded["none"])
+    factor, shared = machine_speed_factor(loaded[args.early_stopping], loaded["none"])
     print(f"the same epochs (same configuration and epoch index, {shared} of them) took {factor:.2f}x as long in the "
           f"ASHA study: ASHA compute / none compute at the same machine speed: "
           f"{asha['compute_h'] / none['compute_h'] / factor:.2f}")

@@ -18,7 +18,7 @@ from search_spaces import SearchSpace, load_space
 from trainers.config import BACKBONE_NAMES, DATASET_NAMES, ConfigMixin, TrainConfig, check_field_types, require
 
 SEARCHERS = ("tpe", "random", "grid")
-SCHEDULERS = ("asha", "none")
+SCHEDULERS = ("asha", "asha_promotion", "none")
 TRIAL_MODES = ("auto", "in_process", "ray_train", "synthetic")
 OBJECTIVES = ("linear_val_accuracy", "knn_val_accuracy")
 # Training-set sizes, so "batch larger than the dataset" is refused without loading anything.
@@ -59,7 +59,9 @@ class StudyConfig(ConfigMixin):
                          choices=TRIAL_MODES)
     max_concurrent_trials: int = _f(0, "0 = as many as the cluster's CPUs/GPUs allow without deadlock")
     searcher: str = _f("tpe", "search algorithm (Optuna TPE, random, or grid over choice spaces)", choices=SEARCHERS)
-    scheduler: str = _f("asha", "early stopping on the per-epoch kNN monitor (ASHA) or none", choices=SCHEDULERS)
+    scheduler: str = _f("asha", "early stopping on the per-epoch kNN monitor: asha (Ray Tune's ASHAScheduler, which "
+                        "decides as a trial reaches a rung), asha_promotion (trials pause at each rung and the top "
+                        "1/factor are resumed: study/promotion.py), or none", choices=SCHEDULERS)
     grace_epochs: int = _f(1, "ASHA: epochs every trial runs before it can be stopped")
     reduction_factor: int = _f(3, "ASHA: a trial goes on past a rung (grace x factor^k epochs) only if it is in the "
                                "top 1/factor of the trials that reached that rung")

@@ -34,12 +34,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from search_spaces import SearchSpace
 from study import results, storage
 from study.config import StudyConfig, differences, read_config_file
+from study.promotion import PromotionASHA
 from study.trial import WORST_OBJECTIVE, run_trial, train_configs, trial_row
 from trainers.config import TrainConfig, add_dataclass_arguments, dataclass_values
 from trainers.loop import CheckpointError, Trainer
 
 CONFIG_FILE = "study_config.json"
 BASELINES_FILE = "baselines.json"
+RUNGS_FILE = "promotion_rungs.json"  # the asha_promotion scheduler's state (Tune does not checkpoint schedulers)
 MONITOR_METRIC = "knn_monitor_accuracy"  # ASHA's signal: reported by every trial after each epoch
 TRIAL_DRIVER_CPU = 0.01  # a trial's own function only waits on its TorchTrainer
 
@@ -49,13 +51,39 @@ class StudySearch(OptunaSearch):
 
     Per-epoch results carry no objective (skipped); a trial stopped early by ASHA is told as PRUNED and a failed
     one as FAIL, so no Optuna trial is left RUNNING and no NaN reaches the sampler.
+
+    With ``max_active``, it also limits the trials that run or wait to start, not counting paused ones (the
+    promotion scheduler pauses trials at rungs and tells it, ``on_pause``/``on_unpause``): Tune's
+    ConcurrencyLimiter counts a paused trial as running, so with trials paused at rungs it would stop proposing.
     """
+
+    def __init__(self, *args: Any, max_active: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_active = max_active
+        self._active: set[str] = set()
+        self._paused: set[str] = set()
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.max_active and len(self._active - self._paused) >= self.max_active:
+            return None  # Tune asks again later
+        suggestion = super().suggest(trial_id)
+        if isinstance(suggestion, dict):
+            self._active.add(trial_id)
+        return suggestion
+
+    def on_pause(self, trial_id: str) -> None:
+        self._paused.add(trial_id)
+
+    def on_unpause(self, trial_id: str) -> None:
+        self._paused.discard(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if self.metric in result:
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        self._active.discard(trial_id)
+        self._paused.discard(trial_id)
         final = result if result and result.get("is_final") and self.metric in result else None
         if final is not None and not math.isfinite(final[self.metric]):
             final = {**final, self.metric: WORST_OBJECTIVE}
@@ -70,6 +98,14 @@ class ResultsCallback(tune.Callback):
         self.baselines = baselines
         self.cpus_per_worker = cpus_per_worker
         self.epochs: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
+
+    def get_state(self) -> dict[str, Any]:
+        # Saved by Tune with the searcher's state: a resumed study keeps the epochs that its unfinished trials
+        # (running, or paused at a rung) reported before the interruption; they go on from the same snapshot.
+        return {"epochs": self.epochs}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.epochs = state["epochs"]
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
         if "epoch" in result and "seed" in result and not result.get("is_final"):
@@ -99,6 +135,7 @@ class ResultsCallback(tune.Callback):
                 rows.append(row | {"node_id": None})  # built here, in the launcher: the trial's node is unknown
         rows = [row | self.baselines for row in rows]
         results.record(self.study.study_dir, rows, self._epoch_rows(trial.trial_id))
+        self.epochs.pop(trial.trial_id, None)  # on disk now; the saved state holds unfinished trials only
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
@@ -218,16 +255,16 @@ class DefineByRun:
         self.space.sample(trial)
 
 
-def make_searcher(study: StudyConfig, space: SearchSpace) -> StudySearch:
+def make_searcher(study: StudyConfig, space: SearchSpace, max_active: int = 0) -> StudySearch:
     import optuna
 
     define_by_run = DefineByRun(space)
     if study.searcher == "grid":
-        return StudySearch(space=define_by_run, metric="objective", mode="max",
+        return StudySearch(space=define_by_run, metric="objective", mode="max", max_active=max_active,
                            sampler=optuna.samplers.RandomSampler(seed=study.seed), points_to_evaluate=space.grid())
     sampler = (optuna.samplers.TPESampler(seed=study.seed) if study.searcher == "tpe"
                else optuna.samplers.RandomSampler(seed=study.seed))
-    return StudySearch(space=define_by_run, metric="objective", mode="max", sampler=sampler)
+    return StudySearch(space=define_by_run, metric="objective", mode="max", max_active=max_active, sampler=sampler)
 
 
 @ray.remote(num_cpus=0)
@@ -292,13 +329,19 @@ def best_table(study_dir: str, top: int = 10) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def make_scheduler(study: StudyConfig) -> ASHAScheduler | None:
-    """The study's early stopping: ASHA on the per-epoch kNN monitor, or ``None`` (every trial runs to the end).
+def make_scheduler(study: StudyConfig) -> ASHAScheduler | PromotionASHA | None:
+    """The study's early stopping on the per-epoch kNN monitor, or ``None`` (every trial runs to the end).
 
-    Rungs at grace x factor^k epochs; ``stop_last_trials=False`` so that a trial that reaches the last epoch is
-    never stopped before its final probe evaluation. ``study.replay`` drives the same scheduler over a recorded
-    study to ask what it would have stopped.
+    Rungs at grace x factor^k epochs below the last. ``asha``: Ray Tune's ASHAScheduler, with
+    ``stop_last_trials=False`` so that a trial that reaches the last epoch is never stopped before its final probe
+    evaluation. ``asha_promotion``: trials pause at each rung and the top 1/factor are promoted
+    (``study.promotion``; its rungs are kept in the study folder for a resume). ``study.replay`` drives the same
+    schedulers over a recorded study to ask what they would have stopped.
     """
+    if study.scheduler == "asha_promotion":
+        return PromotionASHA(metric=MONITOR_METRIC, time_attr="epoch", max_t=study.epochs,
+                             grace_period=study.grace_epochs, reduction_factor=study.reduction_factor,
+                             max_trials=study.num_trials, state_file=storage.join(study.study_dir, RUNGS_FILE))
     if study.scheduler != "asha":
         return None
     return ASHAScheduler(time_attr="epoch", metric=MONITOR_METRIC, mode="max", max_t=study.epochs,
@@ -328,6 +371,7 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
             trial_resources(study),
         )
         tune_path = storage.join(study_dir, "tune")
+        pauses = study.scheduler == "asha_promotion"
         callbacks = [ResultsCallback(study, baselines, worker_cpus(study))]
         if resume and tune.Tuner.can_restore(tune_path):
             # The restored run config keeps its pickled callbacks (our ResultsCallback) and the searcher state.
@@ -336,8 +380,10 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
         else:
             tuner = tune.Tuner(
                 trainable,
-                tune_config=tune.TuneConfig(search_alg=make_searcher(study, space), scheduler=make_scheduler(study),
-                                            num_samples=study.num_trials, max_concurrent_trials=concurrency(study),
+                # A scheduler that pauses trials has the searcher limit the active ones (StudySearch).
+                tune_config=tune.TuneConfig(search_alg=make_searcher(study, space, concurrency(study) if pauses else 0),
+                                            scheduler=make_scheduler(study), num_samples=study.num_trials,
+                                            max_concurrent_trials=None if pauses else concurrency(study),
                                             # In-process trials: the next trial runs in the finished trial's
                                             # process (torch imported, dataset cached), not in a new actor.
                                             reuse_actors=study.in_process),

@@ -40,6 +40,7 @@ from ray.tune.schedulers import TrialScheduler
 from study import results, storage
 from study.config import StudyConfig
 from study.launch import CONFIG_FILE, MONITOR_METRIC, make_scheduler
+from study.promotion import Rungs, milestones
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,47 @@ def load_curves(study_dir: str) -> tuple[StudyConfig, list[Curve]]:
 
 
 def replay(curves: Sequence[Curve], study: StudyConfig) -> Replay:
-    """Feed the curves, one trial after the other, to the study's ASHA scheduler (as with one trial at a time)."""
+    """What the study's scheduler (``asha`` or ``asha_promotion``) would have trained of the curves, arriving in
+    this order, with one trial at a time."""
+    stopped_after = replay_promotion(curves, study) if study.scheduler == "asha_promotion" else replay_asha(curves,
+                                                                                                           study)
+    finished = [c.objective for c in curves if stopped_after[c.trial_id] == len(c.monitor)]
+    return Replay(stopped_after=stopped_after,
+                  cost=sum(c.cost(stopped_after[c.trial_id]) for c in curves),
+                  full_cost=sum(c.cost(len(c.monitor)) for c in curves), finished=len(finished),
+                  best_objective=max(finished) if finished else math.nan)
+
+
+def replay_promotion(curves: Sequence[Curve], study: StudyConfig) -> dict[str, int]:
+    """``study.promotion.Rungs`` as the scheduler uses it, one trial slot: when a trial stops or pauses, the best
+    promotable paused trial resumes, else the next curve starts, and at the end the ``last_call``. A resume is
+    charged nothing (a restore from the rung's checkpoint: seconds, against a trial's start-up and epochs)."""
+    rungs = Rungs(milestones(study.grace_epochs, study.reduction_factor, study.epochs), study.reduction_factor,
+                  len(curves))
+    by_id = {c.trial_id: c for c in curves}
+    trained = {c.trial_id: 0 for c in curves}
+    arrivals = iter(curves)
+    while True:
+        promotion = next(iter(rungs.promotable()), None)
+        curve = next(arrivals, None) if promotion is None else None
+        if promotion is None and curve is None:
+            promotion = rungs.last_call()
+            if promotion is None:
+                return trained
+        if promotion is not None:
+            rungs.promote(promotion[1], promotion[0])
+            curve = by_id[promotion[1]]
+        assert curve is not None
+        # Train to the next rung; go on past it while promoted at once.
+        for epoch in range(trained[curve.trial_id] + 1, len(curve.monitor) + 1):
+            trained[curve.trial_id] = epoch
+            at_rung = epoch in rungs.milestones
+            if at_rung and rungs.arrive(curve.trial_id, epoch, curve.monitor[epoch - 1]) != "continue":
+                break
+
+
+def replay_asha(curves: Sequence[Curve], study: StudyConfig) -> dict[str, int]:
+    """Ray Tune's ASHAScheduler, built by the launcher, fed the curves one trial after the other."""
     scheduler = make_scheduler(dataclasses.replace(study, scheduler="asha"))
     assert scheduler is not None
     stopped_after: dict[str, int] = {}
@@ -126,17 +167,15 @@ def replay(curves: Sequence[Curve], study: StudyConfig) -> Replay:
         else:
             scheduler.on_trial_complete(None, trial, {"epoch": trained, MONITOR_METRIC: curve.monitor[-1]})
         stopped_after[curve.trial_id] = trained
-    finished = [c.objective for c in curves if stopped_after[c.trial_id] == len(c.monitor)]
-    return Replay(stopped_after=stopped_after,
-                  cost=sum(c.cost(stopped_after[c.trial_id]) for c in curves),
-                  full_cost=sum(c.cost(len(c.monitor)) for c in curves), finished=len(finished),
-                  best_objective=max(finished) if finished else math.nan)
+    return stopped_after
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m study.replay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study_dir", help="a study folder run with --scheduler none")
+    parser.add_argument("--scheduler", choices=("asha", "asha_promotion"), default="asha",
+                        help="Ray Tune's ASHA (default) or ASHA with promotions (study/promotion.py)")
     parser.add_argument("--grace-epochs", type=int, default=None, help="default: the study's")
     parser.add_argument("--reduction-factor", type=int, default=None, help="default: the study's")
     parser.add_argument("--orders", type=int, default=1000, help="random orders of the trials to replay")
@@ -154,9 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Validated like a launcher's config (grace <= epochs, reduction factor >= 2), before any replay.
     changes = {name: value for name, value in (("grace_epochs", args.grace_epochs),
                                                 ("reduction_factor", args.reduction_factor)) if value is not None}
-    study = StudyConfig.from_dict(recorded.to_dict() | changes | {"scheduler": "asha"})
+    study = StudyConfig.from_dict(recorded.to_dict() | changes | {"scheduler": args.scheduler})
     best = max(c.objective for c in curves)
-    print(f"{args.study_dir}: {len(curves)} trials of {study.epochs} epochs, best objective {best:.4f}; ASHA with "
+    kind = "ASHA with promotions" if args.scheduler == "asha_promotion" else "Ray Tune's ASHA"
+    print(f"{args.study_dir}: {len(curves)} trials of {study.epochs} epochs, best objective {best:.4f}; {kind} with "
           f"grace {study.grace_epochs} epoch(s), reduction factor {study.reduction_factor}, one trial at a time\n")
     first = replay(curves, study)
     print(f"recorded order: {first.finished}/{len(curves)} finished, {first.epochs}/{len(curves) * study.epochs} "

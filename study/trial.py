@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 WORST_OBJECTIVE = 0.0  # accuracies lie in [0, 1]
 TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
-PROGRESS_FILE = "trial_progress.json"  # in-process checkpoints: rows of finished seeds, start of the current one
+PROGRESS_FILE = "trial_progress.json"  # rows of finished seeds; start, pauses and save time of the current one
 
 
 def versions() -> dict[str, str]:
@@ -64,8 +64,11 @@ def train_configs(study: StudyConfig, sampled: dict[str, Any]) -> list[TrainConf
 
 
 def trial_row(study: StudyConfig, trial_id: str, config: TrainConfig, sampled: dict[str, Any],
-              final: dict[str, Any], started: float, cpus_per_worker: float) -> dict[str, Any]:
-    """One trials.parquet row: the configuration, derived quantities, outcome and provenance."""
+              final: dict[str, Any], started: float, cpus_per_worker: float, paused_s: float = 0.0) -> dict[str, Any]:
+    """One trials.parquet row: the configuration, derived quantities, outcome and provenance.
+
+    ``wall_time_s`` is the time since ``started`` less ``paused_s``, the time the trial spent stopped between a
+    checkpoint and its restart (paused at a rung by the promotion scheduler, or retried after a failure)."""
     status = final.get("status", "completed")
     objective = final.get(study.objective) if status == "completed" else WORST_OBJECTIVE
     return {
@@ -83,7 +86,7 @@ def trial_row(study: StudyConfig, trial_id: str, config: TrainConfig, sampled: d
         "nodes": len({n["NodeID"] for n in ray.nodes() if n["Alive"]}),
         "node_id": ray.get_runtime_context().get_node_id(), "workers": study.workers_per_trial,
         "cpus_per_worker": cpus_per_worker, "gpus_per_worker": study.gpus_per_worker,
-        "wall_time_s": time.time() - started,
+        "wall_time_s": time.time() - started - paused_s,
         "started_at": started, "finished_at": time.time(),  # seconds since the epoch; stored as UTC timestamps
         **versions(),
     }
@@ -118,7 +121,7 @@ def _run_seed_in_process(trainer: Trainer, progress: dict[str, Any]) -> dict[str
             return
         with tempfile.TemporaryDirectory() as folder:
             save_checkpoint(trainer.state_dict(), Path(folder) / CHECKPOINT_FILE)
-            (Path(folder) / PROGRESS_FILE).write_text(json.dumps(progress, default=str))
+            _write_progress(Path(folder), progress)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     run_to_end(trainer, report)
@@ -134,11 +137,11 @@ def _rows_in_process(study: StudyConfig, trial_id: str, sampled: dict[str, Any],
     torch.set_num_threads(max(1, round(cpus)))  # Tune sets OMP_NUM_THREADS to the integer part of the trial's CPUs
     keep_freed_memory()  # no page faults for each step's large tensors (trainers/runtime.py)
     release_freed_memory()  # a reused trial process: what the previous trial freed goes back to the kernel
-    progress: dict[str, Any] = {"rows": [], "started": time.time()}  # rows of finished seeds; current seed's start
+    progress = _new_progress()
     state: dict[str, Any] | None = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        progress, state = restore(checkpoint, lambda folder: (json.loads((folder / PROGRESS_FILE).read_text()),
+        progress, state = restore(checkpoint, lambda folder: (_read_progress(folder),
                                                               load_checkpoint(folder / CHECKPOINT_FILE)))
     for config in configs[len(progress["rows"]):]:
         trainer = Trainer(config)
@@ -146,9 +149,26 @@ def _rows_in_process(study: StudyConfig, trial_id: str, sampled: dict[str, Any],
             trainer.load_state_dict(state)  # refuses a state written by another configuration
             state = None
         final = _run_seed_in_process(trainer, progress)
-        progress["rows"].append(trial_row(study, trial_id, config, sampled, final, progress["started"], cpus))
-        progress["started"] = time.time()
+        progress["rows"].append(trial_row(study, trial_id, config, sampled, final, progress["started"], cpus,
+                                          progress["paused_s"]))
+        progress |= {"started": time.time(), "paused_s": 0.0}
     return progress["rows"]
+
+
+def _new_progress() -> dict[str, Any]:
+    return {"rows": [], "started": time.time(), "paused_s": 0.0}
+
+
+def _write_progress(folder: Path, progress: dict[str, Any]) -> None:
+    (folder / PROGRESS_FILE).write_text(json.dumps(progress | {"saved_at": time.time()}, default=str))
+
+
+def _read_progress(folder: Path) -> dict[str, Any]:
+    """A checkpoint's progress, with the time since it was written counted as paused (Tune restores a trial from
+    its last checkpoint after a pause at a rung or a failure)."""
+    progress = json.loads((folder / PROGRESS_FILE).read_text())
+    stopped = max(0.0, time.time() - progress.pop("saved_at", time.time()))
+    return progress | {"paused_s": progress.get("paused_s", 0.0) + stopped}
 
 
 def synthetic_objective(config: TrainConfig) -> float:
@@ -158,20 +178,31 @@ def synthetic_objective(config: TrainConfig) -> float:
 
 def _rows_synthetic(study: StudyConfig, trial_id: str, sampled: dict[str, Any], configs: list[TrainConfig],
                     cpus: float) -> list[dict[str, Any]]:
-    """No training: per-epoch reports and a final row through the same protocol as a real trial."""
-    rows = []
-    for config in configs:
-        started = time.time()
+    """No training: per-epoch reports (each with a small checkpoint of the progress, so that a paused or retried
+    trial goes on from its last epoch) and a final row, through the same protocol as a real trial."""
+    progress = _new_progress() | {"epoch": 0}
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            progress = _read_progress(Path(folder))
+    for config in configs[len(progress["rows"]):]:
         accuracy = synthetic_objective(config)
         metrics: dict[str, Any] = {}
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(progress["epoch"] + 1, config.epochs + 1):
             metrics = {"epoch": epoch, "seed": config.seed, "is_final": False, "loss": 10.0 / epoch,
                        "knn_monitor_accuracy": accuracy * epoch / config.epochs}
-            tune.report(metrics)
-        final = {**metrics, "is_final": True, "status": "completed", "epochs_done": config.epochs,
-                 "final_loss": metrics["loss"], "linear_val_accuracy": accuracy, "knn_val_accuracy": accuracy}
-        rows.append(trial_row(study, trial_id, config, sampled, final, started, cpus))
-    return rows
+            progress["epoch"] = epoch
+            with tempfile.TemporaryDirectory() as folder:
+                _write_progress(Path(folder), progress)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        final = {"epoch": config.epochs, "seed": config.seed, "loss": 10.0 / config.epochs, "is_final": True,
+                 "knn_monitor_accuracy": accuracy,
+                 "status": "completed", "epochs_done": config.epochs, "final_loss": 10.0 / config.epochs,
+                 "linear_val_accuracy": accuracy, "knn_val_accuracy": accuracy}
+        progress["rows"].append(trial_row(study, trial_id, config, sampled, final, progress["started"], cpus,
+                                          progress["paused_s"]))
+        progress |= {"started": time.time(), "paused_s": 0.0, "epoch": 0}
+    return progress["rows"]
 
 
 def run_trial(sampled: dict[str, Any], *, study: dict[str, Any], cpus_per_worker: float) -> None:

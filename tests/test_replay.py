@@ -1,4 +1,5 @@
-"""The ASHA replay: Ray Tune's own scheduler fed recorded curves; costs and refusals on a written results store."""
+"""The ASHA replay: Ray Tune's own scheduler and ASHA with promotions fed recorded curves; costs and refusals on a
+written results store."""
 
 from __future__ import annotations
 
@@ -52,6 +53,27 @@ def test_replay_depends_on_the_order_and_on_the_reduction_factor() -> None:
     # Factor 2, 6 epochs: rungs after 1, 2 and 4. Worst first: every later trial passes every rung.
     two = replay.replay(curves, StudyConfig(epochs=6, reduction_factor=2))
     assert two.finished == 6
+
+
+def test_replay_of_asha_with_promotions() -> None:
+    # The first test's curves: 5 trials, rungs after epochs 1 and 3, factor 3. A trial pauses at a rung and goes on
+    # once it is in the top floor(n / 3) of the n results there; "best" passes epoch 3 only by the last call (the
+    # rung holds 2 results, floor(2 / 3) = 0).
+    curves = [
+        _curve("first", [0.5] * 6, 0.70),  # paused at epoch 1, never in the top 1 of 3, 4 or 5
+        _curve("low", [0.4] + [0.9] * 5, 0.90),  # second of 2 at epoch 1 with at most 5 to come: stopped
+        _curve("late", [0.6, 0.5, 0.45, 0.9, 0.9, 0.9], 0.95),  # top of 3 at epoch 1; paused at 3, then beaten
+        _curve("middle", [0.47] + [0.9] * 5, 0.99),
+        _curve("best", [0.7] * 6, 0.80),
+    ]
+    study = StudyConfig(epochs=6, grace_epochs=1, reduction_factor=3, scheduler="asha_promotion")
+    result = replay.replay(curves, study)
+    assert result.stopped_after == {"first": 1, "low": 1, "late": 3, "middle": 1, "best": 6}
+    assert result.finished == 1 and result.best_objective == 0.80 and result.epochs == 12
+    assert result.cost == pytest.approx(5 * STARTUP_S + 12 * (EPOCH_S + MONITOR_S) + EVALUATION_S)
+    # Rising curves, where Ray's ASHA stops nothing: with promotions the first trials wait and are overtaken.
+    rising = [_curve(f"t{i}", [0.1 * i] * 6, 0.1 * i) for i in range(1, 7)]
+    assert replay.replay(rising, study).stopped_after == {"t1": 1, "t2": 1, "t3": 3, "t4": 3, "t5": 6, "t6": 6}
 
 
 def _write_study(root: Path, statuses: dict[str, str], *, cpus: float = 2.0) -> str:
