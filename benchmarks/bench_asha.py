@@ -2,9 +2,9 @@
 
 Both studies are ``python -m study.launch``'s defaults (space ``contrastive``, 24 trials, 6 epochs on 2,048
 Fashion-MNIST images, ASHA rungs at epochs 1 and 3 (reduction factor 3), TPE with seed 0), run one after the
-other through ``study.launch.run_study``; only
-``scheduler`` differs. TPE samples its first trials at random, so the studies start from the same configurations
-and diverge once their histories differ (ASHA tells Optuna about pruned trials).
+other through ``study.launch.run_study``; only ``scheduler`` differs. TPE samples its first trials at random,
+so the studies start from the same configurations and diverge once their histories differ (ASHA tells Optuna
+about pruned trials).
 
 Reported for each: the best validation linear-probe accuracy (the objective), its test accuracy, compute
 (sum over trials of wall time x CPUs per worker, from the rows) and the study's wall time; and the ratios. The
@@ -18,12 +18,16 @@ the recorded order and in 1,000 random orders: asynchronous ASHA's savings depen
 and the replay shows where this run's order falls.
 
 The two study folders are kept (default ``studies/bench-asha-*``): analyse them with ``python -m study.analyze``.
+``--early-stopping asha_promotion`` compares ASHA with promotions (``study/promotion.py``) instead of Ray's ASHA; a
+folder that already holds the finished no-early-stopping study of the same configuration (an earlier run with the
+same ``--storage-path`` and ``--seed``) is reused, not rerun.
 
 Run (about 55 minutes on 2 cores; the study without early stopping is most of it):
 
     .venv/bin/python benchmarks/bench_asha.py
     .venv/bin/python benchmarks/bench_asha.py --storage-path /tmp/asha --epochs 2     # a smaller variant
     .venv/bin/python benchmarks/bench_asha.py --storage-path studies/asha-seed1 --seed 1   # another draw
+    .venv/bin/python benchmarks/bench_asha.py --storage-path studies/asha-seed1 --seed 1 --early-stopping asha_promotion
 """
 
 from __future__ import annotations
@@ -91,8 +95,10 @@ def main() -> None:
     parser.add_argument("--num-trials", type=int, default=StudyConfig().num_trials)
     parser.add_argument("--seed", type=int, default=StudyConfig().seed,
                         help="the studies' seed (searcher and training); another seed is another draw of trial order")
-    parser.add_argument("--early-stopping", choices=[s for s in SCHEDULERS if s != "none"], default="asha",
-                        help="the scheduler compared with none: Ray's ASHA (default) or ASHA with promotions")
+    parser.add_argument("--early-stopping", choices=[s for s in SCHEDULERS if s != "none"],
+                        default=StudyConfig().scheduler,
+                        help="the scheduler compared with none (default: the study's default, ASHA with promotions; "
+                             "asha: Ray Tune's ASHA)")
     args = parser.parse_args()
     base = StudyConfig(storage_path=args.storage_path, epochs=args.epochs, num_trials=args.num_trials, seed=args.seed)
     start = time.perf_counter()
@@ -138,8 +144,8 @@ def main() -> None:
           "first two)")
     # Asynchronous ASHA's savings depend on the order trials arrive in; the same scheduler replayed on the
     # no-early-stopping study's curves shows where this run's order falls (study/replay.py).
-    print("\nReplay of the same ASHA on the no-early-stopping study's recorded curves (python -m study.replay):")
-    replay.main([study_dirs["none"], "--orders", "1000"])
+    print("\nReplay of the same scheduler on the no-early-stopping study's recorded curves (python -m study.replay):")
+    replay.main([study_dirs["none"], "--orders", "1000", "--scheduler", args.early_stopping])
 
 
 if __name__ == "__main__":

@@ -59,10 +59,11 @@ class StudyConfig(ConfigMixin):
                          choices=TRIAL_MODES)
     max_concurrent_trials: int = _f(0, "0 = as many as the cluster's CPUs/GPUs allow without deadlock")
     searcher: str = _f("tpe", "search algorithm (Optuna TPE, random, or grid over choice spaces)", choices=SEARCHERS)
-    scheduler: str = _f("asha", "early stopping on the per-epoch kNN monitor: asha (Ray Tune's ASHAScheduler, which "
-                        "decides as a trial reaches a rung), asha_promotion (trials pause at each rung and the top "
-                        "1/factor are resumed: study/promotion.py), or none", choices=SCHEDULERS)
-    grace_epochs: int = _f(1, "ASHA: epochs every trial runs before it can be stopped")
+    scheduler: str = _f("asha_promotion", "early stopping on the per-epoch kNN monitor: asha_promotion (ASHA with "
+                        "promotions: trials pause at each rung and those in its top 1/factor go on; "
+                        "study/promotion.py), asha (Ray Tune's ASHAScheduler: decides once, as a trial reaches a "
+                        "rung), or none", choices=SCHEDULERS)
+    grace_epochs: int = _f(1, "ASHA: epochs every trial runs before its first rung")
     reduction_factor: int = _f(3, "ASHA: a trial goes on past a rung (grace x factor^k epochs) only if it is in the "
                                "top 1/factor of the trials that reached that rung")
     objective: str = _f("linear_val_accuracy", "what the searcher maximises (validation only)", choices=OBJECTIVES)
@@ -129,6 +130,11 @@ def validate_study(c: StudyConfig) -> None:
     require(c.grace_epochs <= c.epochs, "grace_epochs", f"be <= epochs ({c.epochs})", c.grace_epochs)
     require(c.replicates == 1 or c.scheduler == "none", "scheduler",
              "be none when replicates > 1 (a trial runs its seeds one after the other)", c.scheduler)
+    # A paused trial resumes from its in-process checkpoint, whose progress keeps the trial's running time; a
+    # TorchTrainer trial would resume (from Train's checkpoints) but restart its worker group and its clock.
+    require(c.scheduler != "asha_promotion" or c.in_process, "scheduler",
+             "be asha or none when trials train in Ray Train worker groups (workers_per_trial > 1 or trial_mode "
+             "ray_train): asha_promotion pauses and resumes in-process trials only", c.scheduler)
     space = c.search_space()
     if c.searcher == "grid":
         points = len(space.grid())

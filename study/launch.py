@@ -41,6 +41,7 @@ from trainers.loop import CheckpointError, Trainer
 
 CONFIG_FILE = "study_config.json"
 BASELINES_FILE = "baselines.json"
+PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
 RUNGS_FILE = "promotion_rungs.json"  # the asha_promotion scheduler's state (Tune does not checkpoint schedulers)
 MONITOR_METRIC = "knn_monitor_accuracy"  # ASHA's signal: reported by every trial after each epoch
 TRIAL_DRIVER_CPU = 0.01  # a trial's own function only waits on its TorchTrainer
@@ -62,6 +63,10 @@ class StudySearch(OptunaSearch):
         self.max_active = max_active
         self._active: set[str] = set()
         self._paused: set[str] = set()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A study started before the limit existed resumes without one (its Tuner pickled the searcher then).
+        self.__dict__.update({"max_active": 0, "_active": set(), "_paused": set()} | state)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if self.max_active and len(self._active - self._paused) >= self.max_active:
@@ -363,6 +368,7 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
     # skip results that lack their metric, so Tune's strict per-result check is switched off for this process.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     start_ray(study, expose_dashboard=expose_dashboard)
+    own_pending_setting: str | None = None
     try:
         check_storage_is_shared(study_dir)
         baselines = compute_baselines(study)
@@ -372,6 +378,9 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
         )
         tune_path = storage.join(study_dir, "tune")
         pauses = study.scheduler == "asha_promotion"
+        if pauses and PENDING_TRIALS_ENV not in os.environ:
+            # As many trials may wait for resources as with ConcurrencyLimiter (Tune's auto without it: 1).
+            os.environ[PENDING_TRIALS_ENV] = own_pending_setting = str(concurrency(study))
         callbacks = [ResultsCallback(study, baselines, worker_cpus(study))]
         if resume and tune.Tuner.can_restore(tune_path):
             # The restored run config keeps its pickled callbacks (our ResultsCallback) and the searcher state.
@@ -393,6 +402,8 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
             )
         tuner.fit()
     finally:
+        if own_pending_setting is not None:
+            os.environ.pop(PENDING_TRIALS_ENV, None)
         ray.shutdown()
     print(f"\nbest trials (objective: {study.objective}):\n{best_table(study_dir)}")
     files = " and ".join(storage.join(study_dir, name) for name in (results.TRIALS_FILE, results.EPOCHS_FILE))

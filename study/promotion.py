@@ -117,7 +117,7 @@ class Rungs:
         passed the last rung, the best trial waiting at the highest rung that holds one goes on. Without it, a
         study of fewer than factor^(rungs) trials would finish none (e.g. 5 trials, factor 3: the rung at epoch 3
         holds at most 1)."""
-        if self.promoted[self.milestones[-1]]:
+        if not self.milestones or self.promoted[self.milestones[-1]]:
             return None
         for milestone in reversed(self.milestones):
             waiting = [t for t in self.ranked(milestone) if t not in self.promoted[milestone]]

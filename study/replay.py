@@ -1,27 +1,29 @@
-"""``python -m study.replay STUDY_DIR``: what ASHA would have stopped in a study that ran every trial to the end.
+"""``python -m study.replay STUDY_DIR``: what early stopping would have stopped in a study that ran every trial to
+the end.
 
 A study run with ``--scheduler none`` records each trial's kNN monitor after every epoch, the time of every epoch
 (training and monitor), the time of the final evaluation and the trial's wall time. A trial's curve does not depend
-on the scheduler (the same configuration and seed train the same way; the results store shows it), so Ray Tune's
-ASHA scheduler, built by the launcher's own ``study.launch.make_scheduler``, can be fed those curves trial by trial
-to see which trials it would have stopped, after which epoch, and at what cost:
+on the scheduler (the same configuration and seed train the same way; the results store shows it), so a scheduler
+can be fed those curves to see which trials it would have stopped, after which epoch, and at what cost: ASHA with
+promotions (the launcher's default; ``study.promotion.Rungs``, one trial slot) or Ray Tune's ASHA scheduler
+(``--scheduler asha``, built by the launcher's own ``study.launch.make_scheduler``, fed one trial after the other):
 
     cost(trial stopped after e epochs) = start-up + its first e epochs (training + monitor)
                                          + the final evaluation if it reached the last epoch
 
 where start-up = wall time - every epoch - evaluation, as recorded; CPU-seconds = seconds x workers x CPUs each.
 
-Asynchronous ASHA decides on the order in which trials reach a rung: the first trial at a rung always passes it,
-and with a few trials every best-so-far trial does. One study's ratio is one draw from that order. So the replay
-runs the recorded order and many random orders of the same trials, and prints how the compute ratio and the best
-objective among the trials that would have finished are distributed.
+Asynchronous ASHA decides on the order in which trials reach a rung: with Ray's ASHA the first trial at a rung
+always passes it, and with a few trials every best-so-far trial does. One study's ratio is one draw from that
+order. So the replay runs the recorded order and many random orders of the same trials, and prints how the compute
+ratio and the best objective among the trials that would have finished are distributed.
 
-Not captured: the searcher. In a real ASHA study Optuna is told each stopped trial as pruned, and TPE ranks pruned
+Not captured: the searcher. In a real study Optuna is told each stopped trial as pruned, and TPE ranks pruned
 trials below every finished one (its "good" group is the best finished trials), so the searcher's history and its
 later configurations differ from the recorded ones (``benchmarks/bench_asha.py`` runs both studies for real).
 
-    python -m study.replay studies/asha-v4/bench-asha-none
-    python -m study.replay studies/asha-v4/bench-asha-none --reduction-factor 4 --orders 2000
+    python -m study.replay studies/asha-seed10/bench-asha-none
+    python -m study.replay studies/asha-v4/bench-asha-none --scheduler asha --reduction-factor 4 --orders 2000
 """
 
 from __future__ import annotations
@@ -174,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m study.replay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study_dir", help="a study folder run with --scheduler none")
-    parser.add_argument("--scheduler", choices=("asha", "asha_promotion"), default="asha",
-                        help="Ray Tune's ASHA (default) or ASHA with promotions (study/promotion.py)")
+    parser.add_argument("--scheduler", choices=("asha_promotion", "asha"), default="asha_promotion",
+                        help="ASHA with promotions (the launcher's default, study/promotion.py) or Ray Tune's ASHA")
     parser.add_argument("--grace-epochs", type=int, default=None, help="default: the study's")
     parser.add_argument("--reduction-factor", type=int, default=None, help="default: the study's")
     parser.add_argument("--orders", type=int, default=1000, help="random orders of the trials to replay")

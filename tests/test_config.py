@@ -106,7 +106,9 @@ def test_every_train_config_field_has_a_refusal_test() -> None:
      "trial_mode must be ray_train or auto when workers_per_trial > 1"),
     ({"max_concurrent_trials": -1}, "max_concurrent_trials must be >= 0, got -1"),
     ({"searcher": "bohb"}, "searcher must be one of ('tpe', 'random', 'grid'), got 'bohb'"),
-    ({"scheduler": "pbt"}, "scheduler must be one of ('asha', 'none'), got 'pbt'"),
+    ({"scheduler": "pbt"}, "scheduler must be one of ('asha', 'asha_promotion', 'none'), got 'pbt'"),
+    ({"scheduler": "asha_promotion", "workers_per_trial": 2},
+     "scheduler must be asha or none when trials train in Ray Train worker groups"),
     ({"grace_epochs": 7}, "grace_epochs must be <= epochs (6), got 7"),
     ({"reduction_factor": 1}, "reduction_factor must be >= 2, got 1"),
     ({"objective": "linear_test_accuracy"}, "objective must be one of ('linear_val_accuracy', 'knn_val_accuracy'), "

@@ -15,7 +15,7 @@ from ray.tune.schedulers import TrialScheduler
 
 from study import results
 from study.config import StudyConfig
-from study.launch import RUNGS_FILE, StudySearch, run_study
+from study.launch import RUNGS_FILE, StudySearch, make_searcher, run_study
 from study.promotion import PromotionASHA, Rungs, milestones
 
 
@@ -25,6 +25,8 @@ def test_milestones_are_the_rungs_below_the_last_epoch() -> None:
     assert milestones(1, 3, 10) == (1, 3, 9)
     assert milestones(2, 2, 16) == (2, 4, 8)
     assert milestones(4, 3, 4) == ()
+    no_rungs = Rungs((), 3, 10)  # every trial runs to the end
+    assert no_rungs.promotable() == [] and no_rungs.waiting() == [] and no_rungs.last_call() is None
 
 
 def reference_promotable(arrivals: dict[int, list[tuple[str, float]]], promoted: dict[int, set[str]],
@@ -140,6 +142,25 @@ def test_the_scheduler_keeps_its_rungs_across_a_resume_and_pauses_requeued_trial
     # A resumed study runs its paused trials again, without a promotion: b (second) pauses, a (third) stops.
     assert restored.on_trial_result(None, trials["b"], {"epoch": 2, "m": 0.6}) == TrialScheduler.PAUSE
     assert restored.on_trial_result(None, trials["a"], {"epoch": 2, "m": 0.6}) == TrialScheduler.STOP
+
+
+def test_the_searcher_limits_active_trials_but_not_paused_ones() -> None:
+    study = StudyConfig(searcher="random")
+    searcher = make_searcher(study, study.search_space(), max_active=1)
+    assert isinstance(searcher.suggest("a"), dict)
+    assert searcher.suggest("b") is None  # "a" runs
+    searcher.on_pause("a")
+    assert isinstance(searcher.suggest("b"), dict)
+    searcher.on_unpause("a")
+    assert searcher.suggest("c") is None  # "a" and "b" run
+    searcher.on_trial_complete("b")
+    searcher.on_trial_complete("a")
+    assert isinstance(searcher.suggest("c"), dict)
+    # A searcher pickled by a study that started before the limit existed resumes without one.
+    state = {k: v for k, v in searcher.__dict__.items() if k not in ("max_active", "_active", "_paused")}
+    old = StudySearch.__new__(StudySearch)
+    old.__setstate__(state)
+    assert old.max_active == 0 and isinstance(old.suggest("d"), dict)
 
 
 @pytest.mark.timeout(600)
