@@ -33,7 +33,7 @@ def test_replay_follows_asynchronous_successive_halving() -> None:
     ]
     assert np.isclose(np.quantile([0.4, 0.5], 2 / 3), 0.4 + 0.1 * 2 / 3)  # the quantiles the comments use
     assert np.isclose(np.quantile([0.4, 0.5, 0.6], 2 / 3), 0.5 + 0.1 / 3)
-    study = StudyConfig(epochs=6, grace_epochs=1, reduction_factor=3)
+    study = StudyConfig(epochs=6, grace_epochs=1, reduction_factor=3, scheduler="asha")
     result = replay.replay(curves, study)
     assert result.stopped_after == {"first": 6, "low": 1, "late": 3, "middle": 1, "best": 6}
     assert result.finished == 2 and result.best_objective == 0.80 and result.epochs == 17
@@ -45,13 +45,13 @@ def test_replay_follows_asynchronous_successive_halving() -> None:
 
 def test_replay_depends_on_the_order_and_on_the_reduction_factor() -> None:
     curves = [_curve(f"t{i}", [0.1 * i] * 6, 0.1 * i) for i in range(1, 7)]  # every trial better than the last
-    rising = replay.replay(curves, StudyConfig(epochs=6, reduction_factor=3))
+    rising = replay.replay(curves, StudyConfig(epochs=6, reduction_factor=3, scheduler="asha"))
     assert set(rising.stopped_after.values()) == {6}  # each is the best so far: nothing is stopped
-    falling = replay.replay(curves[::-1], StudyConfig(epochs=6, reduction_factor=3))
+    falling = replay.replay(curves[::-1], StudyConfig(epochs=6, reduction_factor=3, scheduler="asha"))
     assert falling.stopped_after == {"t6": 6, **{f"t{i}": 1 for i in range(1, 6)}}
     assert falling.best_objective == pytest.approx(0.6) and falling.finished == 1
     # Factor 2, 6 epochs: rungs after 1, 2 and 4. Worst first: every later trial passes every rung.
-    two = replay.replay(curves, StudyConfig(epochs=6, reduction_factor=2))
+    two = replay.replay(curves, StudyConfig(epochs=6, reduction_factor=2, scheduler="asha"))
     assert two.finished == 6
 
 
@@ -117,11 +117,17 @@ def test_studies_that_stopped_trials_are_refused_by_name(tmp_path: Path) -> None
 def test_main_prints_the_recorded_order_and_the_random_orders(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     study_dir = _write_study(tmp_path, {"a": "completed", "b": "completed", "c": "completed"})
-    assert replay.main([study_dir, "--orders", "20", "--reduction-factor", "2"]) == 0
+    assert replay.main([study_dir, "--orders", "20", "--reduction-factor", "2", "--scheduler", "asha"]) == 0
     out = capsys.readouterr().out
-    assert "3 trials of 3 epochs" in out and "reduction factor 2" in out
+    assert "3 trials of 3 epochs" in out and "reduction factor 2" in out and "Ray Tune's ASHA" in out
     # Equal curves: ASHA stops none (a tie is not below the cutoff), so the replay costs what the study did.
     assert "recorded order: 3/3 finished, 9/9 epochs, compute 1.00x" in out
     assert "20 random orders: compute ratio mean 1.00" in out
+    # With promotions (the default; rungs at epochs 1 and 2): equal monitors rank by arrival, so b and c stop at
+    # epoch 1 (second and third of at most 3 results, of which floor(3 / 2) = 1 goes on), and a, alone at epoch
+    # 2, finishes by the last call.
+    assert replay.main([study_dir, "--orders", "20", "--reduction-factor", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "ASHA with promotions" in out and "recorded order: 1/3 finished, 5/9 epochs" in out
     with pytest.raises(ValueError, match="grace_epochs"):
         replay.main([study_dir, "--grace-epochs", "4"])
