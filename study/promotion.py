@@ -112,6 +112,15 @@ class Rungs:
         rank = self.ranked(milestone).index(trial_id)
         return rank > 0 and rank >= self.sizes()[milestone] // self.reduction_factor
 
+    def hopeless(self) -> set[str]:
+        """The waiting trials for which ``is_dead`` holds, in one pass (the scheduler sweeps them often)."""
+        sizes = self.sizes()
+        dead: set[str] = set()
+        for milestone in self.milestones:
+            first_dead = max(1, sizes[milestone] // self.reduction_factor)
+            dead |= {t for t in self.ranked(milestone)[first_dead:] if t not in self.promoted[milestone]}
+        return dead
+
     def last_call(self) -> tuple[int, str] | None:
         """At the end of a study, when nothing can be promoted and no trial is left to start: while no trial has
         passed the last rung, the best trial waiting at the highest rung that holds one goes on. Without it, a
@@ -229,8 +238,9 @@ class PromotionASHA(FIFOScheduler):
         last = self.rungs.last_call() if ended else None
         if last is not None and last[1] in paused:
             return self._promote(tune_controller, paused[last[1]], last[0])
-        for milestone, trial_id in self.rungs.waiting():
-            if trial_id in paused and (ended or self.rungs.is_dead(trial_id, milestone)):
+        hopeless = self.rungs.hopeless() if paused else set()
+        for _, trial_id in self.rungs.waiting():
+            if trial_id in paused and (ended or trial_id in hopeless):
                 _notify(tune_controller, "on_unpause", trial_id)
                 tune_controller.stop_trial(paused[trial_id])
 

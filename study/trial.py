@@ -187,7 +187,6 @@ def _rows_synthetic(study: StudyConfig, trial_id: str, sampled: dict[str, Any], 
             progress = _read_progress(Path(folder))
     for config in configs[len(progress["rows"]):]:
         accuracy = synthetic_objective(config)
-        metrics: dict[str, Any] = {}
         for epoch in range(progress["epoch"] + 1, config.epochs + 1):
             metrics = {"epoch": epoch, "seed": config.seed, "is_final": False, "loss": 10.0 / epoch,
                        "knn_monitor_accuracy": accuracy * epoch / config.epochs}

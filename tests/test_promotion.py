@@ -67,9 +67,9 @@ def test_one_worker_schedule_follows_the_definition_and_never_revives_a_hopeless
         assert rungs.promotable() == expected
         for milestone, trial_id in expected:
             assert trial_id not in hopeless, f"{trial_id} was declared hopeless and is promotable at {milestone}"
-        for milestone, trial_id in rungs.waiting():
-            if rungs.is_dead(trial_id, milestone):
-                hopeless.add(trial_id)
+        dead_now = {trial_id for milestone, trial_id in rungs.waiting() if rungs.is_dead(trial_id, milestone)}
+        assert rungs.hopeless() == dead_now  # the scheduler's one-pass sweep agrees
+        hopeless |= dead_now
         if expected:  # one worker: promote first, as get_job does
             milestone, trial_id = expected[0]
             rungs.promote(trial_id, milestone)
