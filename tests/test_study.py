@@ -18,7 +18,7 @@ import ray
 
 from study import analyze, results
 from study.config import StudyConfig
-from study.launch import BASELINES_FILE, StudySearch, main, prepare_study_dir, run_study
+from study.launch import BASELINES_FILE, RUNGS_FILE, StudySearch, main, prepare_study_dir, run_study
 
 HAS_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
 needs_data = pytest.mark.skipif(not HAS_FMNIST, reason="needs the Debian package dataset-fashion-mnist")
@@ -154,6 +154,8 @@ def test_killed_launcher_resumes_without_losing_or_repeating_trials(tmp_path: Pa
     assert sorted(t.value for t in told if t.value is not None) == pytest.approx(sorted(completed["objective"]))
     if scheduler == "none":
         assert len(completed) == 3
+    else:  # every trial reached the rung at epoch 1, across the kill
+        assert len(json.loads((tmp_path / "killed" / RUNGS_FILE).read_text())["results"]["1"]) == 3
 
 
 @needs_data
