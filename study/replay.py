@@ -114,8 +114,8 @@ def load_curves(study_dir: str) -> tuple[StudyConfig, list[Curve]]:
 def replay(curves: Sequence[Curve], study: StudyConfig) -> Replay:
     """What the study's scheduler (``asha`` or ``asha_promotion``) would have trained of the curves, arriving in
     this order, with one trial at a time."""
-    stopped_after = replay_promotion(curves, study) if study.scheduler == "asha_promotion" else replay_asha(curves,
-                                                                                                           study)
+    schedule = replay_promotion if study.scheduler == "asha_promotion" else replay_asha
+    stopped_after = schedule(curves, study)
     finished = [c.objective for c in curves if stopped_after[c.trial_id] == len(c.monitor)]
     return Replay(stopped_after=stopped_after,
                   cost=sum(c.cost(stopped_after[c.trial_id]) for c in curves),
