@@ -243,8 +243,8 @@ class PromotionASHA(FIFOScheduler):
         hopeless = self.rungs.hopeless() if paused else set()
         for _, trial_id in self.rungs.waiting():
             if trial_id in paused and (ended or trial_id in hopeless):
-                _notify(tune_controller, "on_unpause", trial_id)
-                tune_controller.stop_trial(paused[trial_id])
+                tune_controller.stop_trial(paused[trial_id])  # the searcher hears on_trial_complete
+        return None
 
     def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
         self._resuming.discard(trial.trial_id)
