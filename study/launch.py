@@ -378,9 +378,10 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
         )
         tune_path = storage.join(study_dir, "tune")
         pauses = study.scheduler == "asha_promotion"
+        limit = concurrency(study)
         if pauses and PENDING_TRIALS_ENV not in os.environ:
             # As many trials may wait for resources as with ConcurrencyLimiter (Tune's auto without it: 1).
-            os.environ[PENDING_TRIALS_ENV] = own_pending_setting = str(concurrency(study))
+            os.environ[PENDING_TRIALS_ENV] = own_pending_setting = str(limit)
         callbacks = [ResultsCallback(study, baselines, worker_cpus(study))]
         if resume and tune.Tuner.can_restore(tune_path):
             # The restored run config keeps its pickled callbacks (our ResultsCallback) and the searcher state.
@@ -390,9 +391,9 @@ def run_study(study: StudyConfig, *, resume: bool = False, expose_dashboard: boo
             tuner = tune.Tuner(
                 trainable,
                 # A scheduler that pauses trials has the searcher limit the active ones (StudySearch).
-                tune_config=tune.TuneConfig(search_alg=make_searcher(study, space, concurrency(study) if pauses else 0),
+                tune_config=tune.TuneConfig(search_alg=make_searcher(study, space, limit if pauses else 0),
                                             scheduler=make_scheduler(study), num_samples=study.num_trials,
-                                            max_concurrent_trials=None if pauses else concurrency(study),
+                                            max_concurrent_trials=None if pauses else limit,
                                             # In-process trials: the next trial runs in the finished trial's
                                             # process (torch imported, dataset cached), not in a new actor.
                                             reuse_actors=study.in_process),

@@ -62,6 +62,13 @@ def test_one_worker_schedule_follows_the_definition_and_never_revives_a_hopeless
         rungs.record(trial_id, milestone, value)
         arrivals[milestone].append((trial_id, value))
 
+    def promote(milestone: int, trial_id: str) -> None:  # it trains on to the next rung, if there is one
+        rungs.promote(trial_id, milestone)
+        promoted[milestone].add(trial_id)
+        at[trial_id] = rungs_at.index(milestone) + 1
+        if at[trial_id] < len(rungs_at):
+            arrive(trial_id)
+
     while True:
         expected = reference_promotable(arrivals, promoted, factor)
         assert rungs.promotable() == expected
@@ -71,12 +78,7 @@ def test_one_worker_schedule_follows_the_definition_and_never_revives_a_hopeless
         assert rungs.hopeless() == dead_now  # the scheduler's one-pass sweep agrees
         hopeless |= dead_now
         if expected:  # one worker: promote first, as get_job does
-            milestone, trial_id = expected[0]
-            rungs.promote(trial_id, milestone)
-            promoted[milestone].add(trial_id)
-            at[trial_id] = rungs_at.index(milestone) + 1
-            if at[trial_id] < len(rungs_at):
-                arrive(trial_id)
+            promote(*expected[0])
         elif started < trials:
             trial_id = f"t{started}"
             started += 1
@@ -85,11 +87,7 @@ def test_one_worker_schedule_follows_the_definition_and_never_revives_a_hopeless
         elif (last := rungs.last_call()) is not None:  # the end of the study, nothing has passed the last rung
             milestone, trial_id = last
             assert trial_id not in hopeless and trial_id == rungs.ranked(milestone)[0]
-            rungs.promote(trial_id, milestone)
-            promoted[milestone].add(trial_id)
-            at[trial_id] = rungs_at.index(milestone) + 1
-            if at[trial_id] < len(rungs_at):
-                arrive(trial_id)
+            promote(milestone, trial_id)
         else:
             break
     assert rungs.promoted[rungs_at[-1]], "no trial passed the last rung"
