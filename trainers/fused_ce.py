@@ -41,7 +41,7 @@ ENV_VAR = "CONTRASTIVE_STUDY_FUSED_LOSS"
 BUILD_NAME = "contrastive_study_fused_ce"
 # -fopenmp: at::parallel_for runs in parallel only when the including file is compiled with OpenMP (it then uses
 # the libgomp that torch has already loaded; nothing extra is linked).
-CFLAGS = ["-O3", "-fopenmp"]
+CFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=fast"]
 
 _eager_only = False
 
@@ -94,6 +94,12 @@ def _usable(tensors: tuple[Tensor, ...], beta: float) -> tuple[ModuleType, torch
     return None if module is None else (module, dtype)
 
 
+def thread_tile_rows(columns: int, element_size: int) -> int:
+    """Rows per tile of the kernel, whose threads each make their own tiles: one thread's share of the cache
+    (``streamed_ce.TILE_BYTES_PER_THREAD``, read at call time) over the bytes of one row, at least 1."""
+    return max(1, streamed_ce.TILE_BYTES_PER_THREAD // (columns * element_size))
+
+
 def simclr_loss(z1: Tensor, z2: Tensor, beta: float) -> Tensor | None:
     """One process's SimCLR loss (see :func:`trainers.losses.nt_xent`), or ``None`` where the fused path does
     not apply (the caller then takes the eager path)."""
@@ -101,7 +107,7 @@ def simclr_loss(z1: Tensor, z2: Tensor, beta: float) -> Tensor | None:
     if usable is None:
         return None
     module, dtype = usable  # the kernel converts to dtype and makes the inputs contiguous
-    return module.simclr_loss(z1, z2, beta, streamed_ce.cpu_tile_rows(2 * z1.shape[0], dtype.itemsize))
+    return module.simclr_loss(z1, z2, beta, thread_tile_rows(2 * z1.shape[0], dtype.itemsize))
 
 
 def keyed_loss(queries: Tensor, keys: Tensor, unit_candidates: Tensor, beta: float) -> Tensor | None:
@@ -114,7 +120,8 @@ def keyed_loss(queries: Tensor, keys: Tensor, unit_candidates: Tensor, beta: flo
         return None
     module, dtype = usable  # the kernel converts to dtype and makes the inputs contiguous
     # Tiles of column blocks, as on the eager path: a long queue in whole rows would leave too few rows per tile.
-    tile_rows, block_columns = streamed_ce.cpu_block_tiles(unit_candidates.shape[0], dtype.itemsize)
+    block_columns = min(unit_candidates.shape[0], streamed_ce.BLOCK_COLUMNS)
+    tile_rows = thread_tile_rows(block_columns, dtype.itemsize)
     return module.keyed_loss(queries, keys, unit_candidates, beta, tile_rows, block_columns)
 
 
