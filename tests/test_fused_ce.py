@@ -112,8 +112,8 @@ def test_many_tiles_give_the_same_values(monkeypatch: pytest.MonkeyPatch) -> Non
     queue = F.normalize(torch.randn(13, 8, generator=gen), dim=1)
     whole_simclr = fused_ce.simclr_loss(z1, z2, 4.0)
     whole_moco = fused_ce.keyed_loss(q, k, queue, 4.0)
-    monkeypatch.setattr(streamed_ce, "TILE_BYTES_PER_THREAD", 3 * 22 * 4 // torch.get_num_threads())
-    assert streamed_ce.cpu_tile_rows(22, 4) == 3
+    monkeypatch.setattr(streamed_ce, "TILE_BYTES_PER_THREAD", 3 * 22 * 4)
+    assert fused_ce.thread_tile_rows(22, 4) == 3  # per thread: with 2 threads, 11 rows each, in tiles of 3, 3, 3, 2
     tiled_simclr = fused_ce.simclr_loss(z1, z2, 4.0)
     tiled_moco = fused_ce.keyed_loss(q, k, queue, 4.0)
     assert tiled_simclr.item() == pytest.approx(whole_simclr.item(), rel=1e-6)
@@ -132,8 +132,8 @@ def test_column_blocks_give_the_same_values(monkeypatch: pytest.MonkeyPatch) -> 
     whole = fused_ce.keyed_loss(q, k, queue, 4.0)
     whole_grads = _grads(whole, [q, k])
     monkeypatch.setattr(streamed_ce, "BLOCK_COLUMNS", 4)
-    monkeypatch.setattr(streamed_ce, "TILE_BYTES_PER_THREAD", 3 * 4 * 4 // torch.get_num_threads())
-    assert streamed_ce.cpu_tile_rows(4, 4) == 3
+    monkeypatch.setattr(streamed_ce, "TILE_BYTES_PER_THREAD", 3 * 4 * 4)
+    assert fused_ce.thread_tile_rows(4, 4) == 3
     blocked = fused_ce.keyed_loss(q, k, queue, 4.0)
     assert blocked.item() == pytest.approx(whole.item(), rel=1e-6)
     assert blocked.item() == pytest.approx(reference_moco(q, k, queue, 0.25).item(), rel=1e-5)
@@ -205,8 +205,8 @@ def test_a_second_backward_gives_the_same_gradient(tile_rows: int | None, monkey
     """The backward scales the forward's E in place; a retained graph's second backward recomputes E (tile by tile
     where there are several) and must give the same result."""
     if tile_rows is not None:
-        monkeypatch.setattr(streamed_ce, "TILE_BYTES_PER_THREAD", tile_rows * 12 * 4 // torch.get_num_threads())
-        assert streamed_ce.cpu_tile_rows(12, 4) == tile_rows
+        monkeypatch.setattr(streamed_ce, "TILE_BYTES_PER_THREAD", tile_rows * 12 * 4)
+        assert fused_ce.thread_tile_rows(12, 4) == tile_rows
     z1, z2 = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
     loss = nt_xent(z1, z2, temperature=0.3)
     first = torch.autograd.grad(loss, [z1, z2], retain_graph=True)
@@ -254,18 +254,70 @@ def test_the_fused_path_is_skipped_where_it_does_not_apply() -> None:
                                                                      rel=1e-5)
 
 
-def test_thread_counts_agree() -> None:
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thread_counts_agree(threads: int) -> None:
+    """Each thread makes and back-propagates its own run of rows; 1 thread and 3 (uneven runs) agree with the
+    default."""
     gen = torch.Generator().manual_seed(4)
     z1, z2 = torch.randn(100, 32, generator=gen, requires_grad=True), torch.randn(100, 32, generator=gen,
                                                                                   requires_grad=True)
-    threads = torch.get_num_threads()
+    q, k = torch.randn(50, 32, generator=gen, requires_grad=True), torch.randn(50, 32, generator=gen)
+    queue = F.normalize(torch.randn(300, 32, generator=gen), dim=1)
+
+    def losses() -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        simclr = nt_xent(z1, z2, temperature=0.2)
+        moco = info_nce(q, k, queue, temperature=0.2, unit_negatives=True)
+        return [(simclr.detach(), _grads(simclr, [z1, z2])), (moco.detach(), _grads(moco, [q]))]
+
+    default = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = nt_xent(z1, z2, temperature=0.2)
-        grads_one = _grads(one, [z1, z2])
-    finally:
         torch.set_num_threads(threads)
-    many = nt_xent(z1, z2, temperature=0.2)
-    assert many.item() == pytest.approx(one.item(), rel=1e-6)
-    for a, b in zip(_grads(many, [z1, z2]), grads_one, strict=True):
-        torch.testing.assert_close(a, b)
+        other = losses()
+    finally:
+        torch.set_num_threads(default)
+    for (loss, grads), (other_loss, other_grads) in zip(losses(), other, strict=True):
+        assert loss.item() == pytest.approx(other_loss.item(), rel=1e-6)
+        for a, b in zip(grads, other_grads, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def _row_kernels() -> list[str]:
+    module = fused_ce.load()
+    return [] if module is None else module.row_kernel_names()
+
+
+def test_the_best_row_kernels_come_first() -> None:
+    names = _row_kernels()
+    assert names[-1] == "baseline" and len(set(names)) == len(names)
+    assert set(names) <= {"avx512", "avx2", "baseline"}
+
+
+@pytest.mark.parametrize("kernel", _row_kernels())
+def test_row_kernel_exp_and_sums_against_float64(kernel: str) -> None:
+    """exp within 2 ulp over its whole range and the row sums within 1e-6, for row lengths around the 16 lanes;
+    the kernels this CPU supports, each (the loss uses the first)."""
+    module = fused_ce.load()
+    grid = torch.linspace(-87.0, 88.0, 100_003).reshape(1, -1)
+    got = grid.clone()
+    module.exp_sum_rows(got, 1.0, kernel)
+    want = grid.double().exp()
+    assert ((got.double() - want) / want).abs().max().item() < 2 * 2**-23
+    gen = torch.Generator().manual_seed(6)
+    for columns in (1, 15, 16, 17, 100, 4099):
+        cosines = torch.rand(7, columns, generator=gen) * 2 - 1
+        exps = cosines.clone()
+        sums = module.exp_sum_rows(exps, 12.5, kernel)  # beta = 1 / tau = 12.5, as at tau = 0.08
+        want = (cosines * 12.5).double().exp()  # the logit beta * x rounded to float32, as the kernel does
+        torch.testing.assert_close(exps.double(), want, rtol=2 * 2**-23, atol=0.0)
+        torch.testing.assert_close(sums.double(), want.sum(dim=1), rtol=1e-6, atol=0.0)
+    nan_row = torch.tensor([[0.5, float("nan"), -0.5]])
+    assert torch.isnan(module.exp_sum_rows(nan_row, 2.0, kernel)).all() and torch.isnan(nan_row[0, 1])
+
+
+@pytest.mark.parametrize("kernel", _row_kernels())
+def test_row_kernel_symmetric_scaling(kernel: str) -> None:
+    gen = torch.Generator().manual_seed(7)
+    e, f = torch.rand(37, 37, generator=gen), torch.rand(37, generator=gen)
+    scaled = e.clone()
+    fused_ce.load().scale_symmetric_rows(scaled, f, kernel)
+    torch.testing.assert_close(scaled, e * (f[:, None] + f[None, :]))
