@@ -8,6 +8,7 @@ the fused path does not apply, the losses must fall back to the eager path.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -286,38 +287,68 @@ def _row_kernels() -> list[str]:
     return [] if module is None else module.row_kernel_names()
 
 
+@pytest.fixture(params=_row_kernels())
+def row_kernels(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each set of row kernels this CPU supports, in turn (the losses use the first)."""
+    module = fused_ce.load()
+    previous = module.use_row_kernels(request.param)
+    try:
+        yield request.param
+    finally:
+        module.use_row_kernels(previous)
+
+
 def test_the_best_row_kernels_come_first() -> None:
     names = _row_kernels()
     assert names[-1] == "baseline" and len(set(names)) == len(names)
     assert set(names) <= {"avx512", "avx2", "baseline"}
 
 
-@pytest.mark.parametrize("kernel", _row_kernels())
-def test_row_kernel_exp_and_sums_against_float64(kernel: str) -> None:
-    """exp within 2 ulp over its whole range and the row sums within 1e-6, for row lengths around the 16 lanes;
-    the kernels this CPU supports, each (the loss uses the first)."""
+def test_row_kernel_exp_and_sums_against_float64(row_kernels: str) -> None:
+    """exp within 2 ulp over its whole range and the row sums within 1e-6, for row lengths around the 16 lanes."""
     module = fused_ce.load()
     grid = torch.linspace(-87.0, 88.0, 100_003).reshape(1, -1)
     got = grid.clone()
-    module.exp_sum_rows(got, 1.0, kernel)
+    module.exp_sum_rows(got, 1.0)
     want = grid.double().exp()
     assert ((got.double() - want) / want).abs().max().item() < 2 * 2**-23
     gen = torch.Generator().manual_seed(6)
     for columns in (1, 15, 16, 17, 100, 4099):
         cosines = torch.rand(7, columns, generator=gen) * 2 - 1
         exps = cosines.clone()
-        sums = module.exp_sum_rows(exps, 12.5, kernel)  # beta = 1 / tau = 12.5, as at tau = 0.08
+        sums = module.exp_sum_rows(exps, 12.5)  # beta = 1 / tau = 12.5, as at tau = 0.08
         want = (cosines * 12.5).double().exp()  # the logit beta * x rounded to float32, as the kernel does
         torch.testing.assert_close(exps.double(), want, rtol=2 * 2**-23, atol=0.0)
         torch.testing.assert_close(sums.double(), want.sum(dim=1), rtol=1e-6, atol=0.0)
     nan_row = torch.tensor([[0.5, float("nan"), -0.5]])
-    assert torch.isnan(module.exp_sum_rows(nan_row, 2.0, kernel)).all() and torch.isnan(nan_row[0, 1])
+    assert torch.isnan(module.exp_sum_rows(nan_row, 2.0)).all() and torch.isnan(nan_row[0, 1])
 
 
-@pytest.mark.parametrize("kernel", _row_kernels())
-def test_row_kernel_symmetric_scaling(kernel: str) -> None:
+def test_row_kernel_symmetric_scaling(row_kernels: str) -> None:
     gen = torch.Generator().manual_seed(7)
     e, f = torch.rand(37, 37, generator=gen), torch.rand(37, generator=gen)
     scaled = e.clone()
-    fused_ce.load().scale_symmetric_rows(scaled, f, kernel)
+    fused_ce.load().scale_symmetric_rows(scaled, f)
     torch.testing.assert_close(scaled, e * (f[:, None] + f[None, :]))
+
+
+@pytest.mark.parametrize("dim", [3, 16, 40, 128])
+def test_each_row_kernel_gives_the_formulas_losses(row_kernels: str, dim: int) -> None:
+    """Both losses, value and gradients (keys' too), with each kernel set: the normalisation, exp, scaling and
+    gradient loops of every build variant, at embedding sizes below, at and past the 16 lanes."""
+    gen = torch.Generator().manual_seed(dim)
+    z1, z2 = torch.randn(33, dim, generator=gen, requires_grad=True), torch.randn(33, dim, generator=gen,
+                                                                                  requires_grad=True)
+    loss = nt_xent(z1, z2, temperature=0.1)
+    expected = reference_simclr(z1, z2, 0.1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for got, want in zip(_grads(loss, [z1, z2]), _grads(expected, [z1, z2]), strict=True):
+        _assert_close(got, want, 1e-5, 1 / (66 * 0.1))
+    q, k = torch.randn(9, dim, generator=gen, requires_grad=True), torch.randn(9, dim, generator=gen,
+                                                                               requires_grad=True)
+    queue = F.normalize(torch.randn(70, dim, generator=gen), dim=1)
+    loss = info_nce(q, k, queue, temperature=0.2, unit_negatives=True)
+    expected = reference_moco(q, k, queue, 0.2)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for got, want in zip(_grads(loss, [q, k]), _grads(expected, [q, k]), strict=True):
+        _assert_close(got, want, 1e-5, 1 / (9 * 0.2))

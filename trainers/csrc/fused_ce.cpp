@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -37,44 +38,73 @@ using torch::autograd::tensor_list;
 constexpr double kNormEps = 1e-12;  // as F.normalize
 constexpr int64_t kGrain = 16;      // rows per parallel chunk: a row is a few hundred flops
 
-// x . y, vectorised: the simd reduction lets the compiler add in vector lanes (a plain loop, without -ffast-math,
-// is one serial chain of dependent adds).
+// ------------------------------------------------------------------------------------------- row kernels
+//
+// Beyond the matrix products, the work is per row: normalising the inputs, one pass over the logits (exp of every
+// logit and each row's sum; in SimCLR's backward also one scaling pass) and the gradient through the normalisation.
+// ATen's exp_ (SLEEF, 1 ulp) and sum_out made the logits pass two passes and two parallel regions; at SimCLR
+// N = 256 they took 0.19x the time of the products (benchmarks/bench_loss.py). These loops are written once, as
+// inline templates, and for float32 compiled three times (AVX-512, AVX2 + FMA, the baseline x86-64 or other target)
+// through GCC's target attribute; the best the CPU supports is picked at the first call, so the build never assumes
+// more than the baseline. float64 (rare) uses the baseline build of the same templates, with std::exp.
+#define ROW_INLINE __attribute__((always_inline)) inline
+
+// x . y in 16 partial sums, so that the adds vectorise (a plain loop, without -ffast-math, is one serial chain).
 template <typename T>
-inline T dot(const T* x, const T* y, int64_t dim) {
+ROW_INLINE T dot_loop(const T* x, const T* y, int64_t count) {
+  constexpr int64_t kLanes = 16;
+  T lanes[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= count; c += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += x[c + j] * y[c + j];
+  }
   T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < dim; ++d) sum += x[d] * y[d];
+  for (; c < count; ++c) sum += x[c] * y[c];
+  for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
   return sum;
 }
 
 template <typename T>
-inline T inverse_norm(const T* x, int64_t dim) {
-  return T(1) / std::max<T>(std::sqrt(dot(x, x, dim)), T(kNormEps));
+ROW_INLINE T inverse_norm(const T* x, int64_t dim) {
+  return T(1) / std::max<T>(std::sqrt(dot_loop(x, x, dim)), T(kNormEps));
 }
 
-// In place: g <- (g - u (u . g)) * inv_norm, the gradient through x / max(|x|, eps) for one row (no projection
-// where the clamp was active, as autograd through F.normalize gives).
+// Two input rows x, y to unit rows a, b; writes their inverse norms and returns x . y (the positive's cosine is
+// x . y * inv_x * inv_y).
 template <typename T>
-inline void unit_backward_row(const T* u, T inv_norm, int64_t dim, T* g) {
-  const T along = inv_norm < T(1 / kNormEps) ? dot(u, g, dim) : T(0);
+ROW_INLINE T unit_pair_loop(const T* x, const T* y, T* a, T* b, T* inv_x, T* inv_y, int64_t dim) {
+  const T ix = inverse_norm(x, dim), iy = inverse_norm(y, dim);
+  for (int64_t d = 0; d < dim; ++d) {
+    a[d] = x[d] * ix;
+    b[d] = y[d] * iy;
+  }
+  *inv_x = ix;
+  *inv_y = iy;
+  return dot_loop(x, y, dim);
+}
+
+// g <- g * g_weight + other * other_weight, then the gradient through u = x / max(|x|, eps) for that row:
+// g <- (g - u (u . g)) * inv_norm (no projection where the clamp was active, as autograd through F.normalize gives).
+template <typename T>
+ROW_INLINE void combine_unit_backward_loop(T* g, T g_weight, const T* other, T other_weight, const T* u, T inv_norm,
+                                           int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) g[d] = g[d] * g_weight + other[d] * other_weight;
+  const T along = inv_norm < T(1 / kNormEps) ? dot_loop(u, g, dim) : T(0);
   for (int64_t d = 0; d < dim; ++d) g[d] = (g[d] - u[d] * along) * inv_norm;
 }
 
-// ---------------------------------------------------------------------------- vectorised row kernels (float32)
-//
-// Beyond the matrix products, the work is one pass over the logits: exp of every logit and each row's sum (and in
-// SimCLR's backward one scaling pass). ATen's exp_ (SLEEF, 1 ulp) and sum_out make that two passes and two parallel
-// regions; at SimCLR N = 256 they took 0.19x the time of the products (benchmarks/bench_loss.py). Here one loop per
-// row does beta * x, exp and the sum. The loops are written once, inline, and compiled three times (AVX-512,
-// AVX2 + FMA, the baseline x86-64 or other target) through GCC's target attribute; the best the CPU supports is
-// picked once, at the first call, so the build never assumes more than the baseline.
+// In place e[c] *= (f_r + f[c]): one row of E W + W E.
+template <typename T>
+ROW_INLINE void scale_symmetric_loop(T* e, const T* f, T f_r, int64_t columns) {
+  for (int64_t c = 0; c < columns; ++c) e[c] *= f_r + f[c];
+}
 
 // exp(x), x clamped to [-87, 88] (the result stays a normal float; logits here are within +-beta): x = n ln2 + r,
 // |r| <= ln2 / 2 (ln2 in two parts, Cody and Waite), exp(r) by Cephes' degree-7 polynomial, 2^n through the
 // exponent bits. Within 1.5 ulp (relative error 8.3e-8 over [-87, 88]; tests/test_fused_ce.py measures it). Branch
 // free, so each variant's loop vectorises (the file is compiled with -fno-trapping-math, which lets GCC turn the
 // clamp into min/max). NaN stays NaN.
-inline float fast_exp(float x) {
+ROW_INLINE float fast_exp(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
   const float n = (x * 1.44269504088896341f + kRound) - kRound;
@@ -92,8 +122,8 @@ inline float fast_exp(float x) {
   return p * two_to_n;
 }
 
-// In place e[c] <- exp(beta * e[c]); returns their sum (16 partial sums, so the adds vectorise too).
-__attribute__((always_inline)) inline float exp_sum_loop(float* e, int64_t count, float beta) {
+// In place e[c] <- exp(beta * e[c]); returns their sum (in 16 partial sums, as dot_loop).
+ROW_INLINE float exp_sum_loop(float* e, int64_t count, float beta) {
 #pragma omp simd
   for (int64_t c = 0; c < count; ++c) e[c] = fast_exp(beta * e[c]);
   constexpr int64_t kLanes = 16;
@@ -108,24 +138,29 @@ __attribute__((always_inline)) inline float exp_sum_loop(float* e, int64_t count
   return sum;
 }
 
-// In place e[c] *= (f_r + f[c]): one row of E W + W E.
-__attribute__((always_inline)) inline void scale_symmetric_loop(float* e, const float* f, float f_r,
-                                                                int64_t columns) {
-#pragma omp simd
-  for (int64_t c = 0; c < columns; ++c) e[c] *= f_r + f[c];
-}
-
 struct RowKernels {
   float (*exp_sum)(float*, int64_t, float);
   void (*scale_symmetric)(float*, const float*, float, int64_t);
+  float (*unit_pair)(const float*, const float*, float*, float*, float*, float*, int64_t);
+  void (*combine_unit_backward)(float*, float, const float*, float, const float*, float, int64_t);
   const char* isa;
 };
 
-#define ROW_KERNELS(name, target)                                                                          \
-  target float exp_sum_##name(float* e, int64_t count, float beta) { return exp_sum_loop(e, count, beta); } \
-  target void scale_symmetric_##name(float* e, const float* f, float f_r, int64_t columns) {              \
-    scale_symmetric_loop(e, f, f_r, columns);                                                             \
-  }
+#define ROW_KERNELS(name, target)                                                                                 \
+  target float exp_sum_##name(float* e, int64_t count, float beta) { return exp_sum_loop(e, count, beta); }        \
+  target void scale_symmetric_##name(float* e, const float* f, float f_r, int64_t columns) {                     \
+    scale_symmetric_loop(e, f, f_r, columns);                                                                    \
+  }                                                                                                              \
+  target float unit_pair_##name(const float* x, const float* y, float* a, float* b, float* ix, float* iy,         \
+                                int64_t dim) {                                                                   \
+    return unit_pair_loop(x, y, a, b, ix, iy, dim);                                                              \
+  }                                                                                                              \
+  target void combine_unit_backward_##name(float* g, float gw, const float* o, float ow, const float* u, float iv, \
+                                           int64_t dim) {                                                        \
+    combine_unit_backward_loop(g, gw, o, ow, u, iv, dim);                                                        \
+  }                                                                                                              \
+  constexpr RowKernels kRowKernels_##name{exp_sum_##name, scale_symmetric_##name, unit_pair_##name,               \
+                                          combine_unit_backward_##name, #name};
 
 ROW_KERNELS(baseline, )
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -134,28 +169,31 @@ ROW_KERNELS(avx512, __attribute__((target("avx512f,avx2,fma"))))
 #endif
 #undef ROW_KERNELS
 
-// "avx512", "avx2" or "baseline": the kernels this CPU can run, best first.
-std::vector<RowKernels> supported_row_kernels() {
-  std::vector<RowKernels> supported;
+// The kernels this CPU can run, best first.
+const std::vector<RowKernels>& supported_row_kernels() {
+  static const std::vector<RowKernels> supported = [] {
+    std::vector<RowKernels> found;
 #if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    supported.push_back({exp_sum_avx512, scale_symmetric_avx512, "avx512"});
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    supported.push_back({exp_sum_avx2, scale_symmetric_avx2, "avx2"});
-  }
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx2 && __builtin_cpu_supports("avx512f")) found.push_back(kRowKernels_avx512);
+    if (avx2) found.push_back(kRowKernels_avx2);
 #endif
-  supported.push_back({exp_sum_baseline, scale_symmetric_baseline, "baseline"});
+    found.push_back(kRowKernels_baseline);
+    return found;
+  }();
   return supported;
 }
 
+// The kernels in use: the best supported, unless a test chose others (use_row_kernels).
+std::atomic<const RowKernels*> chosen_row_kernels{nullptr};
+
 const RowKernels& row_kernels() {
-  static const RowKernels best = supported_row_kernels().front();
-  return best;
+  const RowKernels* kernels = chosen_row_kernels.load(std::memory_order_acquire);
+  return kernels != nullptr ? *kernels : supported_row_kernels().front();
 }
 
-// The same for float64 inputs (rare; scalar std::exp).
+// What the losses call: float32 through the best kernels, float64 through the baseline templates.
 inline float exp_sum(float* e, int64_t count, float beta) { return row_kernels().exp_sum(e, count, beta); }
 inline double exp_sum(double* e, int64_t count, double beta) {
   double sum = 0;
@@ -166,7 +204,22 @@ inline void scale_symmetric_row(float* e, const float* f, float f_r, int64_t col
   row_kernels().scale_symmetric(e, f, f_r, columns);
 }
 inline void scale_symmetric_row(double* e, const double* f, double f_r, int64_t columns) {
-  for (int64_t c = 0; c < columns; ++c) e[c] *= f_r + f[c];
+  scale_symmetric_loop(e, f, f_r, columns);
+}
+inline float unit_pair(const float* x, const float* y, float* a, float* b, float* ix, float* iy, int64_t dim) {
+  return row_kernels().unit_pair(x, y, a, b, ix, iy, dim);
+}
+inline double unit_pair(const double* x, const double* y, double* a, double* b, double* ix, double* iy,
+                        int64_t dim) {
+  return unit_pair_loop(x, y, a, b, ix, iy, dim);
+}
+inline void combine_unit_backward(float* g, float gw, const float* o, float ow, const float* u, float iv,
+                                  int64_t dim) {
+  row_kernels().combine_unit_backward(g, gw, o, ow, u, iv, dim);
+}
+inline void combine_unit_backward(double* g, double gw, const double* o, double ow, const double* u, double iv,
+                                  int64_t dim) {
+  combine_unit_backward_loop(g, gw, o, ow, u, iv, dim);
 }
 
 // E[r, c] = exp(beta * rows[r] . columns[c]) for the rows [begin, end), with E[r, r] = 0 if zero_diagonal (the
@@ -268,16 +321,9 @@ struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
       // Image i's two views, rows i and n + i, are each other's positive: one pass over the pair.
       at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          const scalar_t *v1 = x1 + i * dim, *v2 = x2 + i * dim;
-          const scalar_t inv1 = inverse_norm(v1, dim), inv2 = inverse_norm(v2, dim);
-          scalar_t *a1 = u + i * dim, *a2 = u + (n + i) * dim;
-          for (int64_t d = 0; d < dim; ++d) {
-            a1[d] = v1[d] * inv1;
-            a2[d] = v2[d] * inv2;
-          }
-          inv[i] = inv1;
-          inv[n + i] = inv2;
-          pos[i] = pos[n + i] = static_cast<scalar_t>(beta) * dot(v1, v2, dim) * inv1 * inv2;
+          const scalar_t dot12 = unit_pair(x1 + i * dim, x2 + i * dim, u + i * dim, u + (n + i) * dim, inv + i,
+                                           inv + n + i, dim);
+          pos[i] = pos[n + i] = static_cast<scalar_t>(beta) * dot12 * inv[i] * inv[n + i];
         }
       });
       // Every unit row is needed by every thread's products, hence a second parallel loop.
@@ -342,9 +388,7 @@ struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
           at::mm_out(grad_tile, weights.narrow(0, r0, r1 - r0), unit);
           for (int64_t r = r0; r < r1; ++r) {
             const scalar_t* a_positive = u + ((r + n) % rows) * dim;
-            scalar_t* gr = g + r * dim;
-            for (int64_t d = 0; d < dim; ++d) gr[d] += minus * a_positive[d];
-            unit_backward_row(u + r * dim, inv[r], dim, gr);
+            combine_unit_backward(g + r * dim, scalar_t(1), a_positive, minus, u + r * dim, inv[r], dim);
           }
         }
       });
@@ -383,15 +427,9 @@ struct KeyedLoss : public torch::autograd::Function<KeyedLoss> {
       // The candidates are given, so a thread's rows need only its own queries: one parallel loop.
       for_each_thread_rows(rows, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const scalar_t *q = xq + r * dim, *key = xk + r * dim;
-          const scalar_t inv_q = inverse_norm(q, dim), inv_k = inverse_norm(key, dim);
-          for (int64_t d = 0; d < dim; ++d) {
-            ap[r * dim + d] = q[d] * inv_q;
-            kp[r * dim + d] = key[d] * inv_k;
-          }
-          inv[r] = inv_q;
-          kinv[r] = inv_k;
-          pos[r] = static_cast<scalar_t>(beta) * dot(q, key, dim) * inv_q * inv_k;
+          const scalar_t dot_qk =
+              unit_pair(xq + r * dim, xk + r * dim, ap + r * dim, kp + r * dim, inv + r, kinv + r, dim);
+          pos[r] = static_cast<scalar_t>(beta) * dot_qk * inv[r] * kinv[r];
         }
         exp_logits_rows(a, candidates, static_cast<scalar_t>(beta), /*zero_diagonal=*/false, tile_rows,
                         block_columns, begin, end, exp_logits, z);
@@ -442,13 +480,11 @@ struct KeyedLoss : public torch::autograd::Function<KeyedLoss> {
           // the positive key's softmax weight minus one, with beta and the loss gradient's 1/R
           const scalar_t key_factor = static_cast<scalar_t>((std::exp(pos[r] - log_z) - 1) * scale * beta);
           const scalar_t *ar = ap + r * dim, *kr = kp + r * dim;
-          scalar_t* gr = g + r * dim;
-          for (int64_t d = 0; d < dim; ++d) gr[d] = gr[d] * weight + kr[d] * key_factor;
-          unit_backward_row(ar, inv[r], dim, gr);
-          if (gk != nullptr) {
+          combine_unit_backward(g + r * dim, weight, kr, key_factor, ar, inv[r], dim);
+          if (gk != nullptr) {  // the key's gradient: a * key_factor through the key's normalisation
             scalar_t* gkr = gk + r * dim;
-            for (int64_t d = 0; d < dim; ++d) gkr[d] = ar[d] * key_factor;
-            unit_backward_row(kr, kinv[r], dim, gkr);
+            std::copy(ar, ar + dim, gkr);
+            combine_unit_backward(gkr, key_factor, ar, scalar_t(0), kr, kinv[r], dim);
           }
         }
       });
@@ -469,42 +505,43 @@ at::Tensor keyed_loss(const at::Tensor& queries, const at::Tensor& keys, const a
   return KeyedLoss::apply(queries, keys, candidates, beta, tile_rows, block_columns);
 }
 
-// For tests and benchmarks: the row kernels this CPU supports, and one of them applied to every row of a float32
-// matrix (in place; returns the row sums, or scales E by f_r + f_c).
+// For tests and benchmarks: the row kernels this CPU supports, a choice among them for every later call (the
+// previous choice is returned), and the exp and scaling passes alone on every row of a float32 matrix (in place).
 std::vector<std::string> row_kernel_names() {
   std::vector<std::string> names;
   for (const RowKernels& kernels : supported_row_kernels()) names.emplace_back(kernels.isa);
   return names;
 }
 
-const RowKernels& named_row_kernels(const std::string& name) {
-  static const std::vector<RowKernels> supported = supported_row_kernels();
-  for (const RowKernels& kernels : supported) {
-    if (name == kernels.isa) return kernels;
+std::string use_row_kernels(const std::string& name) {
+  const std::string previous = row_kernels().isa;
+  for (const RowKernels& kernels : supported_row_kernels()) {
+    if (name == kernels.isa) {
+      chosen_row_kernels.store(&kernels, std::memory_order_release);
+      return previous;
+    }
   }
   TORCH_CHECK(false, "row kernels '", name, "' are not supported on this CPU");
 }
 
-at::Tensor exp_sum_rows(at::Tensor logits, double beta, const std::string& name) {
+at::Tensor exp_sum_rows(at::Tensor logits, double beta) {
   TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.is_contiguous(),
               "exp_sum_rows: expected a contiguous float32 matrix");
-  const RowKernels& kernels = named_row_kernels(name);
   at::Tensor sums = at::empty({logits.size(0)}, logits.options());
   for (int64_t r = 0; r < logits.size(0); ++r) {
     sums.data_ptr<float>()[r] =
-        kernels.exp_sum(logits.data_ptr<float>() + r * logits.size(1), logits.size(1), static_cast<float>(beta));
+        exp_sum(logits.data_ptr<float>() + r * logits.size(1), logits.size(1), static_cast<float>(beta));
   }
   return sums;
 }
 
-void scale_symmetric_rows(at::Tensor e, const at::Tensor& f, const std::string& name) {
+void scale_symmetric_rows(at::Tensor e, const at::Tensor& f) {
   TORCH_CHECK(e.scalar_type() == at::kFloat && f.scalar_type() == at::kFloat && e.dim() == 2 && e.is_contiguous() &&
                   f.is_contiguous() && f.numel() == e.size(1) && e.size(0) == e.size(1),
               "scale_symmetric_rows: expected a contiguous square float32 matrix and its float32 factors");
-  const RowKernels& kernels = named_row_kernels(name);
   const float* factors = f.const_data_ptr<float>();
   for (int64_t r = 0; r < e.size(0); ++r) {
-    kernels.scale_symmetric(e.data_ptr<float>() + r * e.size(1), factors, factors[r], e.size(1));
+    scale_symmetric_row(e.data_ptr<float>() + r * e.size(1), factors, factors[r], e.size(1));
   }
 }
 
@@ -514,6 +551,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simclr_loss", &simclr_loss, "One process's SimCLR loss of views z1, z2 (n, D) at inverse temperature beta");
   m.def("keyed_loss", &keyed_loss, "MoCo's InfoNCE of queries and keys (n, D) against unit candidates (K, D)");
   m.def("row_kernel_names", &row_kernel_names, "The float32 row kernels this CPU supports, best (the one used) first");
-  m.def("exp_sum_rows", &exp_sum_rows, "In place exp(beta * x) of each row with one row kernel; the row sums");
-  m.def("scale_symmetric_rows", &scale_symmetric_rows, "In place e[r, c] *= f[r] + f[c] with one row kernel");
+  m.def("use_row_kernels", &use_row_kernels, "Use these row kernels from now on (tests); returns the previous");
+  m.def("exp_sum_rows", &exp_sum_rows, "In place exp(beta * x) of each row; the row sums");
+  m.def("scale_symmetric_rows", &scale_symmetric_rows, "In place e[r, c] *= f[r] + f[c]");
 }
