@@ -4,8 +4,9 @@
 //
 // Why: at small sizes (SimCLR at N = 256, MoCo at K = 4096) the matrix products take well under a millisecond, and
 // the general path's ~35 small eager ops, each a Python call through the dispatcher, plus a Python autograd
-// Function, cost as much again. Here every (rows, D) step is one parallel loop over rows that does all of that
-// row's work in one go, and the only ATen calls left are the matrix products, exp and the row sums of E.
+// Function, cost as much again. Here each thread takes one run of rows and does all of their work: it makes their
+// logits tile by tile with a single-threaded product, exponentiates and sums each tile while it is in that core's
+// cache, and in the backward scales and multiplies its own rows of E. The only ATen calls left are the products.
 //
 //   simclr_loss(z1, z2, beta, tile_rows): one process's SimCLR. Rows are [z1; z2], row r's positive is the other
 //     view of its image, column (r + n) mod 2n, and an anchor is not its own negative. With unit rows a, the
