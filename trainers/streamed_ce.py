@@ -86,7 +86,8 @@ BLOCK_COLUMNS = 4096
 
 def cpu_block_tiles(columns: int, element_size: int) -> tuple[int, int]:
     """``(tile_rows, width)``: logits made on the CPU in column blocks of ``width`` (``BLOCK_COLUMNS`` at most),
-    each in tiles of as many rows as the threads' budget holds. The eager path and the fused MoCo kernel share it."""
+    each in tiles of as many rows as the threads' budget holds (the eager path; the fused MoCo kernel takes the
+    same column blocks, in tiles of one thread's budget)."""
     width = min(columns, BLOCK_COLUMNS)
     return cpu_tile_rows(width, element_size), width
 NORM_EPS = 1e-12  # as F.normalize

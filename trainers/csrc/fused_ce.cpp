@@ -43,7 +43,7 @@ constexpr int64_t kGrain = 16;      // rows per parallel chunk: a row is a few h
 //
 // Beyond the matrix products, the work is per row: normalising the inputs, one pass over the logits (exp of every
 // logit and each row's sum; in SimCLR's backward also one scaling pass) and the gradient through the normalisation.
-// ATen's exp_ (SLEEF, 1 ulp) and sum_out made the logits pass two passes and two parallel regions; at SimCLR
+// With ATen's exp_ (MKL's or SLEEF's vector exp) and sum_out that pass was two, each its own parallel region; at SimCLR
 // N = 256 they took 0.19x the time of the products (benchmarks/bench_loss.py). These loops are written once, as
 // inline templates, and for float32 compiled three times (AVX-512, AVX2 + FMA, the baseline x86-64 or other target)
 // through GCC's target attribute; the best the CPU supports is picked at the first call, so the build never assumes
