@@ -50,19 +50,26 @@ constexpr int64_t kGrain = 16;      // rows per parallel chunk: a row is a few h
 // more than the baseline. float64 (rare) uses the baseline build of the same templates, with std::exp.
 #define ROW_INLINE __attribute__((always_inline)) inline
 
-// x . y in 16 partial sums, so that the adds vectorise (a plain loop, without -ffast-math, is one serial chain).
-template <typename T>
-ROW_INLINE T dot_loop(const T* x, const T* y, int64_t count) {
-  constexpr int64_t kLanes = 16;
+constexpr int64_t kLanes = 16;  // partial sums per reduction: one AVX-512 register, two AVX2 ones
+
+// sum_c term(c) in kLanes partial sums, so that the adds vectorise (a plain loop, without -ffast-math, is one serial
+// chain of dependent adds).
+template <typename T, typename Term>
+ROW_INLINE T lane_sum(int64_t count, const Term& term) {
   T lanes[kLanes] = {};
   int64_t c = 0;
   for (; c + kLanes <= count; c += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += x[c + j] * y[c + j];
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += term(c + j);
   }
   T sum = 0;
-  for (; c < count; ++c) sum += x[c] * y[c];
+  for (; c < count; ++c) sum += term(c);
   for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
   return sum;
+}
+
+template <typename T>
+ROW_INLINE T dot_loop(const T* x, const T* y, int64_t count) {
+  return lane_sum<T>(count, [=](int64_t c) __attribute__((always_inline)) { return x[c] * y[c]; });
 }
 
 template <typename T>
@@ -123,20 +130,11 @@ ROW_INLINE float fast_exp(float x) {
   return p * two_to_n;
 }
 
-// In place e[c] <- exp(beta * e[c]); returns their sum (in 16 partial sums, as dot_loop).
+// In place e[c] <- exp(beta * e[c]); returns their sum.
 ROW_INLINE float exp_sum_loop(float* e, int64_t count, float beta) {
 #pragma omp simd
   for (int64_t c = 0; c < count; ++c) e[c] = fast_exp(beta * e[c]);
-  constexpr int64_t kLanes = 16;
-  float lanes[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= count; c += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += e[c + j];
-  }
-  float sum = 0;
-  for (; c < count; ++c) sum += e[c];
-  for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
-  return sum;
+  return lane_sum<float>(count, [=](int64_t c) __attribute__((always_inline)) { return e[c]; });
 }
 
 struct RowKernels {
