@@ -6,8 +6,8 @@ last-level cache (``tile_bytes_per_thread``); this script times the same calls w
 size given, round-robin, and prints each size's median time as a ratio to the first size's. It is the measurement
 behind the rule in ``tile_bytes_per_thread``. The calls are bench_loss's "ours", so where the fused C++ kernel
 (``trainers.fused_ce``) is built they time it (one process's SimCLR, MoCo's unit queue); its threads each make
-their own tiles of ``TILE_BYTES_PER_THREAD`` bytes (``fused_ce.thread_tile_rows``), so the sweep applies to either
-path. The README's figures were measured before the fused kernel, on the eager path.
+their own tiles of ``TILE_BYTES_PER_THREAD`` bytes (``cpu_tile_rows`` with ``one_thread``), so the sweep applies to
+either path. The README's figures were measured before the fused kernel, on the eager path.
 
 Run (under a minute on 2 idle cores):
 

@@ -114,7 +114,8 @@ def test_many_tiles_give_the_same_values(monkeypatch: pytest.MonkeyPatch) -> Non
     whole_simclr = fused_ce.simclr_loss(z1, z2, 4.0)
     whole_moco = fused_ce.keyed_loss(q, k, queue, 4.0)
     monkeypatch.setattr(streamed_ce, "TILE_BYTES_PER_THREAD", 3 * 22 * 4)
-    assert fused_ce.thread_tile_rows(22, 4) == 3  # per thread: with 2 threads, 11 rows each, in tiles of 3, 3, 3, 2
+    # per thread: with 2 threads, 11 rows each, in tiles of 3, 3, 3, 2
+    assert streamed_ce.cpu_tile_rows(22, 4, one_thread=True) == 3
     tiled_simclr = fused_ce.simclr_loss(z1, z2, 4.0)
     tiled_moco = fused_ce.keyed_loss(q, k, queue, 4.0)
     assert tiled_simclr.item() == pytest.approx(whole_simclr.item(), rel=1e-6)
@@ -134,7 +135,7 @@ def test_column_blocks_give_the_same_values(monkeypatch: pytest.MonkeyPatch) -> 
     whole_grads = _grads(whole, [q, k])
     monkeypatch.setattr(streamed_ce, "BLOCK_COLUMNS", 4)
     monkeypatch.setattr(streamed_ce, "TILE_BYTES_PER_THREAD", 3 * 4 * 4)
-    assert fused_ce.thread_tile_rows(4, 4) == 3
+    assert streamed_ce.cpu_tile_rows(4, 4, one_thread=True) == 3
     blocked = fused_ce.keyed_loss(q, k, queue, 4.0)
     assert blocked.item() == pytest.approx(whole.item(), rel=1e-6)
     assert blocked.item() == pytest.approx(reference_moco(q, k, queue, 0.25).item(), rel=1e-5)
@@ -207,7 +208,7 @@ def test_a_second_backward_gives_the_same_gradient(tile_rows: int | None, monkey
     where there are several) and must give the same result."""
     if tile_rows is not None:
         monkeypatch.setattr(streamed_ce, "TILE_BYTES_PER_THREAD", tile_rows * 12 * 4)
-        assert fused_ce.thread_tile_rows(12, 4) == tile_rows
+        assert streamed_ce.cpu_tile_rows(12, 4, one_thread=True) == tile_rows
     z1, z2 = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
     loss = nt_xent(z1, z2, temperature=0.3)
     first = torch.autograd.grad(loss, [z1, z2], retain_graph=True)

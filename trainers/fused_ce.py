@@ -2,7 +2,7 @@
 
 ``csrc/fused_ce.cpp`` computes one process's SimCLR loss and MoCo's InfoNCE (unit queue, no gradient into it)
 as :func:`trainers.streamed_ce.contrastive_cross_entropy` does, as two C++ autograd functions. Each thread takes one
-run of rows and does all of their work: single-threaded products tile by tile (``thread_tile_rows``), each tile
+run of rows and does all of their work: single-threaded products tile by tile (one thread's tile budget), each tile
 exponentiated and summed in that core's cache by vectorised row loops (AVX-512, AVX2 or baseline builds of the same
 loops, picked at run time), and in the backward its own rows of E scaled and multiplied. At small sizes that removes
 most of the eager path's cost beyond the products (about 35 small Python-level ops and a Python autograd Function);
@@ -98,12 +98,6 @@ def _usable(tensors: tuple[Tensor, ...], beta: float) -> tuple[ModuleType, torch
     return None if module is None else (module, dtype)
 
 
-def thread_tile_rows(columns: int, element_size: int) -> int:
-    """Rows per tile of the kernel, whose threads each make their own tiles: one thread's share of the cache
-    (``streamed_ce.TILE_BYTES_PER_THREAD``, read at call time) over the bytes of one row, at least 1."""
-    return max(1, streamed_ce.TILE_BYTES_PER_THREAD // (columns * element_size))
-
-
 def simclr_loss(z1: Tensor, z2: Tensor, beta: float) -> Tensor | None:
     """One process's SimCLR loss (see :func:`trainers.losses.nt_xent`), or ``None`` where the fused path does
     not apply (the caller then takes the eager path)."""
@@ -111,7 +105,8 @@ def simclr_loss(z1: Tensor, z2: Tensor, beta: float) -> Tensor | None:
     if usable is None:
         return None
     module, dtype = usable  # the kernel converts to dtype and makes the inputs contiguous
-    return module.simclr_loss(z1, z2, beta, thread_tile_rows(2 * z1.shape[0], dtype.itemsize))
+    tile_rows = streamed_ce.cpu_tile_rows(2 * z1.shape[0], dtype.itemsize, one_thread=True)  # each thread its own tiles
+    return module.simclr_loss(z1, z2, beta, tile_rows)
 
 
 def keyed_loss(queries: Tensor, keys: Tensor, unit_candidates: Tensor, beta: float) -> Tensor | None:
@@ -124,8 +119,8 @@ def keyed_loss(queries: Tensor, keys: Tensor, unit_candidates: Tensor, beta: flo
         return None
     module, dtype = usable  # the kernel converts to dtype and makes the inputs contiguous
     # Tiles of column blocks, as on the eager path: a long queue in whole rows would leave too few rows per tile.
-    block_columns = min(unit_candidates.shape[0], streamed_ce.BLOCK_COLUMNS)
-    tile_rows = thread_tile_rows(block_columns, dtype.itemsize)
+    tile_rows, block_columns = streamed_ce.cpu_block_tiles(unit_candidates.shape[0], dtype.itemsize,
+                                                           one_thread=True)
     return module.keyed_loss(queries, keys, unit_candidates, beta, tile_rows, block_columns)
 
 

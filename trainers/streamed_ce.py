@@ -73,10 +73,12 @@ def tile_bytes_per_thread(cache_bytes: int | None, threads: int) -> int:
 TILE_BYTES_PER_THREAD = tile_bytes_per_thread(last_level_cache_bytes(), torch.get_num_threads())
 
 
-def cpu_tile_rows(columns: int, element_size: int) -> int:
+def cpu_tile_rows(columns: int, element_size: int, *, one_thread: bool = False) -> int:
     """Rows of logits made and exponentiated in one go on the CPU: the threads' tile budget
-    (``TILE_BYTES_PER_THREAD``, read at call time) over the bytes of one row, at least 1."""
-    return max(1, TILE_BYTES_PER_THREAD * torch.get_num_threads() // (columns * element_size))
+    (``TILE_BYTES_PER_THREAD``, read at call time, times the threads) over the bytes of one row, at least 1. With
+    ``one_thread``, one thread's budget: the fused kernel's threads each make their own tiles."""
+    budget = TILE_BYTES_PER_THREAD * (1 if one_thread else torch.get_num_threads())
+    return max(1, budget // (columns * element_size))
 
 
 # Columns per stored block (and per tile of the fused MoCo kernel, trainers/fused_ce.py): wide enough that the
@@ -84,12 +86,12 @@ def cpu_tile_rows(columns: int, element_size: int) -> int:
 BLOCK_COLUMNS = 4096
 
 
-def cpu_block_tiles(columns: int, element_size: int) -> tuple[int, int]:
+def cpu_block_tiles(columns: int, element_size: int, *, one_thread: bool = False) -> tuple[int, int]:
     """``(tile_rows, width)``: logits made on the CPU in column blocks of ``width`` (``BLOCK_COLUMNS`` at most),
-    each in tiles of as many rows as the threads' budget holds (the eager path; the fused MoCo kernel takes the
-    same column blocks, in tiles of one thread's budget)."""
+    each in tiles of as many rows as the budget of :func:`cpu_tile_rows` holds. The eager path and the fused MoCo
+    kernel (``one_thread``) share it."""
     width = min(columns, BLOCK_COLUMNS)
-    return cpu_tile_rows(width, element_size), width
+    return cpu_tile_rows(width, element_size, one_thread=one_thread), width
 NORM_EPS = 1e-12  # as F.normalize
 
 _LOWEST = {dtype: torch.finfo(dtype).min for dtype in (torch.float32, torch.float64)}
