@@ -92,6 +92,8 @@ def cpu_block_tiles(columns: int, element_size: int, *, one_thread: bool = False
     kernel (``one_thread``) share it."""
     width = min(columns, BLOCK_COLUMNS)
     return cpu_tile_rows(width, element_size, one_thread=one_thread), width
+
+
 NORM_EPS = 1e-12  # as F.normalize
 
 _LOWEST = {dtype: torch.finfo(dtype).min for dtype in (torch.float32, torch.float64)}

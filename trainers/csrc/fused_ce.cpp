@@ -488,7 +488,7 @@ struct KeyedLoss : public torch::autograd::Function<KeyedLoss> {
     ctx->saved_data["tile_rows"] = tile_rows;
     ctx->saved_data["dtypes"] = std::vector<int64_t>{static_cast<int64_t>(query_input.scalar_type()),
                                                      static_cast<int64_t>(key_input.scalar_type())};
-    ctx->save_for_backward({a, inv_norm, k, k_inv, positive, exp_logits, log_partition, candidates});
+    ctx->save_for_backward({a, inv_norm, k, k_inv, positive, exp_logits, partition, candidates});
     return at::scalar_tensor(loss, queries.options());
   }
 
@@ -496,7 +496,7 @@ struct KeyedLoss : public torch::autograd::Function<KeyedLoss> {
     refuse_double_backward();
     const tensor_list saved = ctx->get_saved_variables();
     const at::Tensor &a = saved[0], &inv_norm = saved[1], &k = saved[2], &k_inv = saved[3];
-    const at::Tensor &positive = saved[4], &exp_logits = saved[5], &log_partition = saved[6];
+    const at::Tensor &positive = saved[4], &exp_logits = saved[5], &partition = saved[6];
     const at::Tensor& candidates = saved[7];
     const double beta = ctx->saved_data["beta"].toDouble();
     const int64_t tile_rows = ctx->saved_data["tile_rows"].toInt();
@@ -509,7 +509,7 @@ struct KeyedLoss : public torch::autograd::Function<KeyedLoss> {
       const scalar_t *ap = a.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>();
       const scalar_t *inv = inv_norm.const_data_ptr<scalar_t>(), *kinv = k_inv.const_data_ptr<scalar_t>();
       const scalar_t* pos = positive.const_data_ptr<scalar_t>();
-      const scalar_t* lz = log_partition.const_data_ptr<scalar_t>();
+      const scalar_t* z = partition.const_data_ptr<scalar_t>();
       scalar_t* g = grad.data_ptr<scalar_t>();
       scalar_t* gk = need_keys ? grad_keys.data_ptr<scalar_t>() : nullptr;
       for_each_thread_rows(rows, [&](int64_t begin, int64_t end) {
@@ -519,10 +519,12 @@ struct KeyedLoss : public torch::autograd::Function<KeyedLoss> {
           at::mm_out(grad_tile, exp_logits.narrow(0, r0, r1 - r0), candidates);  // E @ B, rows weighted below
         }
         for (int64_t r = begin; r < end; ++r) {
-          const double log_z = lz[r];
-          const scalar_t weight = static_cast<scalar_t>(std::exp(-log_z) * scale * beta);
-          // the positive key's softmax weight minus one, with beta and the loss gradient's 1/R
-          const scalar_t key_factor = static_cast<scalar_t>((std::exp(pos[r] - log_z) - 1) * scale * beta);
+          // the softmax weights are E / Z (as in SimCLR's backward, Z saved rather than log Z); the positive key's
+          // weight minus one, with beta and the loss gradient's 1/R
+          const double z_r = z[r];
+          const scalar_t weight = static_cast<scalar_t>(scale * beta / z_r);
+          const double positive_weight = std::exp(static_cast<double>(pos[r])) / z_r;
+          const scalar_t key_factor = static_cast<scalar_t>((positive_weight - 1) * scale * beta);
           const scalar_t *ar = ap + r * dim, *kr = kp + r * dim;
           combine_unit_backward(g + r * dim, weight, kr, key_factor, ar, inv[r], dim);
           if (gk != nullptr) {  // the key's gradient: a * key_factor through the key's normalisation
