@@ -204,19 +204,41 @@ def test_strided_and_mixed_dtype_inputs() -> None:
 
 @pytest.mark.parametrize("tile_rows", [None, 5])
 def test_a_second_backward_gives_the_same_gradient(tile_rows: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The backward scales the forward's E in place; a retained graph's second backward recomputes E (tile by tile
-    where there are several) and must give the same result."""
+    """The forward makes the gradients and the backward hands them out; a retained graph's second backward
+    recomputes them (tile by tile where there are several) and must give the same result."""
     if tile_rows is not None:
         monkeypatch.setattr(streamed_ce, "TILE_BYTES_PER_THREAD", tile_rows * 12 * 4)
         assert streamed_ce.cpu_tile_rows(12, 4, one_thread=True) == tile_rows
     z1, z2 = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
-    loss = nt_xent(z1, z2, temperature=0.3)
-    first = torch.autograd.grad(loss, [z1, z2], retain_graph=True)
-    second = torch.autograd.grad(loss, [z1, z2])
-    for a, b in zip(first, second, strict=True):
-        assert torch.equal(a, b)
-    for got, want in zip(first, _grads(reference_simclr(z1, z2, 0.3), [z1, z2]), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    queue = F.normalize(torch.randn(12, 4), dim=1)
+    cases = [(nt_xent(z1, z2, temperature=0.3), reference_simclr(z1, z2, 0.3)),
+             (info_nce(z1, z2, queue, temperature=0.3, unit_negatives=True), reference_moco(z1, z2, queue, 0.3))]
+    for loss, reference in cases:
+        first = torch.autograd.grad(loss, [z1, z2], retain_graph=True)
+        second = torch.autograd.grad(loss, [z1, z2])
+        for a, b in zip(first, second, strict=True):
+            assert torch.equal(a, b)
+        for got, want in zip(first, _grads(reference, [z1, z2]), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_upstream_gradient_scales_the_forwards_gradients() -> None:
+    """The forward makes the gradients for an upstream gradient of 1; a scaled loss, a loss used twice and a
+    loss in a sum with another term must get theirs scaled."""
+    gen = torch.Generator().manual_seed(3)
+    z1 = torch.randn(9, 16, generator=gen, requires_grad=True)
+    z2 = torch.randn(9, 16, generator=gen, requires_grad=True)
+    queue = F.normalize(torch.randn(40, 16, generator=gen), dim=1)
+    pairs = [(lambda: nt_xent(z1, z2, temperature=0.2), lambda: reference_simclr(z1, z2, 0.2)),
+             (lambda: info_nce(z1, z2, queue, temperature=0.2, unit_negatives=True),
+              lambda: reference_moco(z1, z2, queue, 0.2))]
+    for fused, reference in pairs:
+        for combine in (lambda x: 0.37 * x, lambda x: x + x, lambda x: -x + 5 * x.detach(),
+                        lambda x: x * z1.sum()):
+            got = _grads(combine(fused()), [z1, z2])
+            want = _grads(combine(reference()), [z1, z2])
+            for g, w in zip(got, want, strict=True):
+                _assert_close(g, w, 1e-5, 0.0)
 
 
 def test_a_second_derivative_is_refused_not_silently_wrong() -> None:

@@ -2,14 +2,17 @@
 
 ``csrc/fused_ce.cpp`` computes one process's SimCLR loss and MoCo's InfoNCE (unit queue, no gradient into it)
 as :func:`trainers.streamed_ce.contrastive_cross_entropy` does, as two C++ autograd functions. Each thread takes one
-run of rows and does all of their work: single-threaded products tile by tile (one thread's tile budget), each tile
-exponentiated and summed in that core's cache by vectorised row loops (AVX-512, AVX2 or baseline builds of the same
-loops, picked at run time), and in the backward its own rows of E scaled and multiplied. At small sizes that removes
-most of the eager path's cost beyond the products (about 35 small Python-level ops and a Python autograd Function);
-``benchmarks/bench_loss.py`` times both against the products alone. Two differences in arithmetic: SimCLR's
-backward here is ``(W E + E W) @ a`` (E scaled in place, one product of D columns), where the eager path makes one
-product ``E @ [a | W a]`` of 2D columns; and the exp is the kernel's own, within 1.5 ulp (ATen's: 1). The two
-paths agree to float rounding (tests/test_fused_ce.py compares them).
+run of rows and does all of their work, in one parallel region: single-threaded products tile by tile (one thread's
+tile budget), each tile exponentiated and summed in that core's cache by vectorised row loops (AVX-512, AVX2 or
+baseline builds of the same loops, picked at run time), then its own rows of E scaled and multiplied for the
+gradient. The gradient is made in the forward (a loss is a scalar: the backward only scales it where the upstream
+gradient is not 1), so E is freed before the forward returns and the loss keeps only gradients the size of its
+inputs until the backward. At small sizes that removes most of the eager path's cost beyond the products (about 35
+small Python-level ops and a Python autograd Function); ``benchmarks/bench_loss.py`` times both against the
+products alone. Two differences in arithmetic: SimCLR's gradient here is ``(W E + E W) @ a`` (E scaled in place,
+one product of D columns), where the eager path makes one product ``E @ [a | W a]`` of 2D columns; and the exp is
+the kernel's own, within 1.5 ulp (ATen's: 1). The two paths agree to float rounding (tests/test_fused_ce.py
+compares them).
 
 The kernel is compiled with the machine's C++ compiler through ``torch.utils.cpp_extension`` (about 30 s, once;
 the build is cached under ``~/.cache/torch_extensions`` and reused by every later process, Ray workers included;

@@ -6,11 +6,12 @@
 // the general path's ~35 small eager ops, each a Python call through the dispatcher, plus a Python autograd
 // Function, cost as much again. Here each thread takes one run of rows and does all of their work: it makes their
 // logits tile by tile with a single-threaded product, exponentiates and sums each tile while it is in that core's
-// cache, and in the backward scales and multiplies its own rows of E. The only ATen calls left are the products.
+// cache, then scales and multiplies its own rows of E for the gradient, in the forward, all in one parallel region
+// (see "gradients made in the forward" below). The only ATen calls left are the products.
 //
 //   simclr_loss(z1, z2, beta, tile_rows): one process's SimCLR. Rows are [z1; z2], row r's positive is the other
 //     view of its image, column (r + n) mod 2n, and an anchor is not its own negative. With unit rows a, the
-//     exponentiated logits E = exp(beta a a^T) (diagonal zeroed) are symmetric, so the backward's row side
+//     exponentiated logits E = exp(beta a a^T) (diagonal zeroed) are symmetric, so the gradient's row side
 //     W E a and column side E W a (W = diag(1 / row sums)) are one product (W E + E W) @ a.
 //   keyed_loss(queries, keys, candidates, beta, tile_rows, block_columns): MoCo. Each query's positive is its own
 //     key (an extra logit); the candidates (the queue) are unit vectors already and get no gradient.
@@ -22,17 +23,24 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 
 namespace {
@@ -46,7 +54,7 @@ constexpr int64_t kGrain = 16;      // rows per parallel chunk: a row is a few h
 // ------------------------------------------------------------------------------------------- row kernels
 //
 // Beyond the matrix products, the work is per row: normalising the inputs, one pass over the logits (exp of every
-// logit and each row's sum; in SimCLR's backward also one scaling pass) and the gradient through the normalisation.
+// logit and each row's sum; for SimCLR's gradient also one scaling pass) and the gradient through the normalisation.
 // With ATen's exp_ (MKL's or SLEEF's vector exp) and sum_out that pass was two, each its own parallel region; at SimCLR
 // N = 256 they took 0.19x the time of the products (benchmarks/bench_loss.py). These loops are written once, as
 // inline templates, and for float32 compiled three times (AVX-512, AVX2 + FMA, the baseline x86-64 or other target)
@@ -303,21 +311,6 @@ void exp_logits_rows(const at::Tensor& rows, const at::Tensor& columns, scalar_t
   }
 }
 
-// mean_r (log_partition_r - positive_r), summed in double.
-template <typename T>
-double mean_loss(const T* log_partition, const T* positive, int64_t rows) {
-  double total = 0;
-  for (int64_t r = 0; r < rows; ++r) total += static_cast<double>(log_partition[r]) - static_cast<double>(positive[r]);
-  return total / static_cast<double>(rows);
-}
-
-// The backward is written by hand on raw memory: it makes no graph, so a second derivative would be silently wrong.
-// (Grad mode is on inside a backward only under create_graph=True.)
-void refuse_double_backward() {
-  TORCH_CHECK(!at::GradMode::is_enabled(), "the fused contrastive loss has no second derivative (create_graph=True); "
-              "set CONTRASTIVE_STUDY_FUSED_LOSS=0 to use the eager path, which refuses it only when it is used");
-}
-
 // The inputs as contiguous matrices of the dtype the loss is computed in: the first input's, promoted to at least
 // float32 (bf16/fp16 embeddings are computed in float32, as on the eager path).
 std::vector<at::Tensor> prepare_inputs(const std::vector<at::Tensor>& tensors) {
@@ -331,214 +324,310 @@ std::vector<at::Tensor> prepare_inputs(const std::vector<at::Tensor>& tensors) {
   return prepared;
 }
 
-// Each thread takes one contiguous run of rows (at::parallel_for gives each thread one chunk), in the forward and
-// the backward alike, so a thread's backward reads the rows of E that it wrote.
-template <typename F>
-void for_each_thread_rows(int64_t rows, const F& f) {
-  at::parallel_for(0, rows, kGrain, f);
+// One parallel region whose threads run the phases in order, a barrier between phases: phase(thread, threads) for
+// thread in [0, threads), threads at most one per kGrain items of `work`. Like at::parallel_for, it runs on the
+// calling thread alone where the work is small, torch has one thread, or the caller is in a parallel region
+// already; and products called inside it run on the calling thread (neither ATen nor MKL forks in a region). An
+// exception in a phase is rethrown after the region; every thread still reaches every barrier.
+template <typename... Phases>
+void run_phases(int64_t work, const Phases&... phases) {
+  at::internal::lazy_init_num_threads();
+#ifdef _OPENMP
+  const bool parallel = work > kGrain && !at::in_parallel_region() && at::get_num_threads() > 1;
+#else
+  const bool parallel = false;  // a build without OpenMP (the flags ask for it): at::parallel_for is serial there too
+#endif
+  if (!parallel) {
+    at::internal::ThreadIdGuard thread_guard(0);
+    c10::ParallelGuard parallel_guard(true);
+    (phases(0, 1), ...);
+    return;
+  }
+#ifdef _OPENMP
+  std::atomic_flag failed = ATOMIC_FLAG_INIT;
+  std::exception_ptr error;
+#pragma omp parallel  // no num_threads clause, as at::parallel_for (GOMP's thread pool, pytorch#32008)
+  {
+    const int64_t threads = std::min<int64_t>(omp_get_num_threads(), (work + kGrain - 1) / kGrain);
+    const int64_t thread = omp_get_thread_num();
+    at::internal::ThreadIdGuard thread_guard(static_cast<int>(thread));
+    c10::ParallelGuard parallel_guard(true);
+    bool first = true;
+    const auto run = [&](const auto& phase) {
+      if (!first) {
+#pragma omp barrier
+      }
+      first = false;
+      if (thread < threads) {
+        try {
+          phase(thread, threads);
+        } catch (...) {
+          if (!failed.test_and_set()) error = std::current_exception();
+        }
+      }
+    };
+    (run(phases), ...);
+  }
+  if (error) std::rethrow_exception(error);
+#endif
+}
+
+// Thread `thread`'s share [begin, end) of `count` items: one contiguous run each, as at::parallel_for splits.
+inline std::pair<int64_t, int64_t> thread_share(int64_t count, int64_t thread, int64_t threads) {
+  const int64_t chunk = (count + threads - 1) / threads;
+  return {std::min(count, thread * chunk), std::min(count, (thread + 1) * chunk)};
+}
+
+// --------------------------------------------------------------------------- gradients made in the forward
+//
+// A loss is a scalar, so its gradient for an upstream gradient of 1 is known in the forward, where its inputs (E,
+// a thread's rows of it) are in that core's cache. Both losses make it there and keep it in ctx instead of E: E is
+// freed before the forward returns (the loss holds only gradients the size of its inputs while the rest of a model
+// runs its backward), and the backward is at most one multiplication. That is how fused cross-entropy kernels
+// such as Liger's do it. The backward takes the gradients out of ctx (a retained graph then does not keep them
+// alive); a second backward of a retained graph finds none and recomputes them from the saved inputs, with the
+// same code, so it gets the same values.
+
+// The backward is written by hand on raw memory: it makes no graph, so a second derivative would be silently wrong.
+// (Grad mode is on inside a backward only under create_graph=True.)
+void refuse_double_backward() {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "the fused contrastive loss has no second derivative (create_graph=True); "
+              "set CONTRASTIVE_STUDY_FUSED_LOSS=0 to use the eager path, which refuses it only when it is used");
+}
+
+// What a forward saves: its prepared inputs (for a recompute; autograd checks they are not changed in place before
+// the backward), its gradients (undefined where an input needs none) and each input's dtype, for the casts back.
+void save_for_gradients(AutogradContext* ctx, const std::vector<at::Tensor>& prepared,
+                        const std::vector<at::Tensor>& gradients, const std::vector<at::Tensor>& originals) {
+  ctx->save_for_backward(prepared);
+  ctx->saved_data["gradients"] = gradients;
+  std::vector<int64_t> dtypes;
+  for (const at::Tensor& t : originals) dtypes.push_back(static_cast<int64_t>(t.scalar_type()));
+  ctx->saved_data["dtypes"] = dtypes;
+}
+
+// The backward of both: the forward's gradients (or recompute(saved inputs)'s), times the upstream gradient,
+// in the inputs' dtypes; then `extra` undefined gradients for the non-tensor arguments.
+template <typename Recompute>
+tensor_list hand_out_gradients(AutogradContext* ctx, const at::Tensor& upstream, int64_t extra,
+                               const Recompute& recompute) {
+  refuse_double_backward();
+  // Unpacked even where unused: autograd then refuses inputs changed in place since the forward (say a queue
+  // updated before the backward), as it does on the eager path, although the gradients kept are those of the
+  // forward's values. Code that runs here then runs where the kernel is not built.
+  const tensor_list inputs = ctx->get_saved_variables();
+  std::vector<at::Tensor> gradients;
+  const auto kept = ctx->saved_data.find("gradients");
+  if (kept != ctx->saved_data.end()) {
+    gradients = kept->second.toTensorVector();
+    ctx->saved_data.erase(kept);
+  } else {
+    gradients = recompute(inputs);
+  }
+  const double scale = upstream.item<double>();
+  const std::vector<int64_t> dtypes = ctx->saved_data["dtypes"].toIntVector();
+  tensor_list result;
+  for (size_t i = 0; i < gradients.size(); ++i) {
+    at::Tensor g = gradients[i];
+    if (g.defined()) {
+      if (scale != 1) g.mul_(scale);  // in place: nothing else holds it
+      g = g.to(static_cast<at::ScalarType>(dtypes[i]));
+    }
+    result.push_back(g);
+  }
+  result.resize(result.size() + extra);
+  return result;
+}
+
+// mean_r (log Z_r - positive_r), the logs in the loss's dtype, summed in double.
+template <typename T>
+double mean_loss(const T* partition, const T* positive, int64_t rows) {
+  double total = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    total += static_cast<double>(std::log(partition[r])) - static_cast<double>(positive[r]);
+  }
+  return total / static_cast<double>(rows);
 }
 
 // -------------------------------------------------------------------------------------------------- SimCLR
 
-struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& view1, const at::Tensor& view2, double beta,
-                            int64_t tile_rows) {
-    const std::vector<at::Tensor> inputs = prepare_inputs({view1, view2});
-    const at::Tensor &z1 = inputs[0], &z2 = inputs[1];
-    TORCH_CHECK(z1.size(0) == z2.size(0), "simclr_loss: z1 and z2 differ in rows");
-    const int64_t n = z1.size(0), rows = 2 * n, dim = z1.size(1);
-    at::Tensor unit = at::empty({rows, dim}, z1.options());  // a = [z1; z2] with unit rows
-    at::Tensor inv_norm = at::empty({rows}, z1.options());
-    at::Tensor positive = at::empty({rows}, z1.options());
-    at::Tensor partition = at::empty({rows}, z1.options());
-    at::Tensor log_partition = at::empty({rows}, z1.options());
-    at::Tensor exp_logits = at::empty({rows, rows}, z1.options());
-    double loss = 0;
-    AT_DISPATCH_FLOATING_TYPES(z1.scalar_type(), "simclr_forward", [&] {
-      const scalar_t* x1 = z1.const_data_ptr<scalar_t>();
-      const scalar_t* x2 = z2.const_data_ptr<scalar_t>();
-      scalar_t* u = unit.data_ptr<scalar_t>();
-      scalar_t* inv = inv_norm.data_ptr<scalar_t>();
-      scalar_t* pos = positive.data_ptr<scalar_t>();
-      scalar_t* z = partition.data_ptr<scalar_t>();
-      scalar_t* lz = log_partition.data_ptr<scalar_t>();
-      // Image i's two views, rows i and n + i, are each other's positive: one pass over the pair.
-      at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+// The loss and its gradient (upstream gradient 1) of views z1, z2, in one parallel region of three phases:
+//   1. the unit rows a = [z1; z2] / norms and the positives' logits;
+//   2. each thread's rows of E = exp(beta a a^T) (diagonal zeroed) and their sums Z (every thread's products need
+//      every unit row, hence the barrier before);
+//   3. the gradient. With P = W E the softmax (W = diag(w), w = 1/Z) and logits beta a a^T, the partition terms'
+//      gradient is beta (P + P^T) a = beta (W E + E W) a: each thread scales its rows of E by (w_r + w_c) (every
+//      row's w, hence the barrier before), multiplies them by a and takes the result through the normalisation.
+//      That is half the flops of E @ [a | w a] (the two sides as one product of 2D columns).
+template <typename scalar_t>
+std::pair<double, at::Tensor> simclr_loss_and_gradient(const at::Tensor& z1, const at::Tensor& z2, scalar_t beta,
+                                                       int64_t tile_rows) {
+  const int64_t n = z1.size(0), rows = 2 * n, dim = z1.size(1);
+  at::Tensor unit = at::empty({rows, dim}, z1.options());
+  at::Tensor exp_logits = at::empty({rows, rows}, z1.options());
+  at::Tensor row_values = at::empty({4, rows}, z1.options());
+  at::Tensor grad = at::empty({rows, dim}, z1.options());
+  const scalar_t* x1 = z1.const_data_ptr<scalar_t>();
+  const scalar_t* x2 = z2.const_data_ptr<scalar_t>();
+  scalar_t *u = unit.data_ptr<scalar_t>(), *e = exp_logits.data_ptr<scalar_t>(), *g = grad.data_ptr<scalar_t>();
+  scalar_t* inv = row_values.data_ptr<scalar_t>();  // inverse norms
+  scalar_t *pos = inv + rows, *z = pos + rows, *w = z + rows;  // positives' logits, Z, w with the mean's 1/R and beta
+  const double scale = 1.0 / static_cast<double>(rows);
+  // Minus one at the positive, once for row r (a[p(r)]) and once for column r, which is the positive of row p(r)
+  // (p(p(r)) = r), so a[p(r)] again: -2 * scale * beta * a[p(r)].
+  const scalar_t minus = static_cast<scalar_t>(-2 * scale * beta);
+  run_phases(
+      rows,
+      [&](int64_t thread, int64_t threads) {  // image i's two views, rows i and n + i, in one pass over the pair
+        const auto [begin, end] = thread_share(n, thread, threads);
         for (int64_t i = begin; i < end; ++i) {
           const scalar_t dot12 = unit_pair(x1 + i * dim, x2 + i * dim, u + i * dim, u + (n + i) * dim, inv + i,
                                            inv + n + i, dim);
-          pos[i] = pos[n + i] = static_cast<scalar_t>(beta) * dot12 * inv[i] * inv[n + i];
+          pos[i] = pos[n + i] = beta * dot12 * inv[i] * inv[n + i];
         }
-      });
-      // Every unit row is needed by every thread's products, hence a second parallel loop.
-      for_each_thread_rows(rows, [&](int64_t begin, int64_t end) {
-        exp_logits_rows(unit, unit, static_cast<scalar_t>(beta), /*zero_diagonal=*/true, tile_rows, rows, begin,
-                        end, exp_logits, z);
-        for (int64_t r = begin; r < end; ++r) lz[r] = std::log(z[r]);
-      });
-      loss = mean_loss(lz, pos, rows);
-    });
-    // The backward turns E into its gradient weights in place, so E is not a saved variable (whose version
-    // autograd checks): the backward takes it out of ctx (a retained graph does not keep the used buffer alive),
-    // and a second backward finds none and recomputes it from the unit rows.
-    ctx->saved_data["exp_logits"] = exp_logits;
-    ctx->saved_data["beta"] = beta;
-    ctx->saved_data["tile_rows"] = tile_rows;
-    ctx->saved_data["dtypes"] = std::vector<int64_t>{static_cast<int64_t>(view1.scalar_type()),
-                                                     static_cast<int64_t>(view2.scalar_type())};
-    ctx->save_for_backward({unit, inv_norm, partition});
-    return at::scalar_tensor(loss, z1.options());
-  }
-
-  // With P = W E the softmax (W = diag(w), w = 1/Z) and logits beta a a^T, the gradient of the partition terms
-  // is beta (P + P^T) a = beta (W E + E W) a: E scaled in place by (w_r + w_c), then one (R x R) @ (R x D) product.
-  // That is half the flops of E @ [a | w a] (the two sides as one product of 2D columns), for one pass over E that
-  // runs tile by tile, just before each tile's product reads it from cache.
-  static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
-    refuse_double_backward();
-    const tensor_list saved = ctx->get_saved_variables();
-    const at::Tensor &unit = saved[0], &inv_norm = saved[1], &partition = saved[2];
-    const double beta = ctx->saved_data["beta"].toDouble();
-    const int64_t tile_rows = ctx->saved_data["tile_rows"].toInt();
-    const int64_t rows = unit.size(0), n = rows / 2, dim = unit.size(1);
-    const double scale = grad_outputs[0].item<double>() / static_cast<double>(rows);
-    const bool recompute = ctx->saved_data.count("exp_logits") == 0;  // a second backward of a retained graph
-    at::Tensor weights = recompute ? at::empty({rows, rows}, unit.options()) : ctx->saved_data["exp_logits"].toTensor();
-    ctx->saved_data.erase("exp_logits");
-    at::Tensor recomputed_sums = recompute ? at::empty({rows}, unit.options()) : at::Tensor();
-    at::Tensor row_factor = at::empty({rows}, unit.options());
-    at::Tensor grad = at::empty({rows, dim}, unit.options());
-    AT_DISPATCH_FLOATING_TYPES(unit.scalar_type(), "simclr_backward", [&] {
-      scalar_t* f = row_factor.data_ptr<scalar_t>();
-      const scalar_t* z = partition.const_data_ptr<scalar_t>();
-      // w_r with the loss gradient's 1/R and beta from the logits
-      for (int64_t r = 0; r < rows; ++r) f[r] = static_cast<scalar_t>(scale * beta / static_cast<double>(z[r]));
-      scalar_t* e = weights.data_ptr<scalar_t>();
-      const scalar_t* u = unit.const_data_ptr<scalar_t>();
-      const scalar_t* inv = inv_norm.const_data_ptr<scalar_t>();
-      scalar_t* g = grad.data_ptr<scalar_t>();
-      // Minus one at the positive, once for row r (a[p(r)]) and once for column r, which is the positive of row
-      // p(r) (p(p(r)) = r), so a[p(r)] again: -2 * scale * beta * a[p(r)].
-      const scalar_t minus = static_cast<scalar_t>(-2 * scale * beta);
-      for_each_thread_rows(rows, [&](int64_t begin, int64_t end) {
-        if (recompute) {  // E again, for these rows
-          exp_logits_rows(unit, unit, static_cast<scalar_t>(beta), /*zero_diagonal=*/true, tile_rows, rows, begin,
-                          end, weights, recomputed_sums.data_ptr<scalar_t>());
-        }
-        for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {
+      },
+      [&](int64_t thread, int64_t threads) {
+        const auto [begin, end] = thread_share(rows, thread, threads);
+        exp_logits_rows(unit, unit, beta, /*zero_diagonal=*/true, tile_rows, rows, begin, end, exp_logits, z);
+        for (int64_t r = begin; r < end; ++r) w[r] = static_cast<scalar_t>(scale * beta / static_cast<double>(z[r]));
+      },
+      [&](int64_t thread, int64_t threads) {
+        const auto [begin, end] = thread_share(rows, thread, threads);
+        for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {  // a tile's scaling just before its product
           const int64_t r1 = std::min(r0 + tile_rows, end);
-          for (int64_t r = r0; r < r1; ++r) scale_symmetric_row(e + r * rows, f, f[r], rows);
+          for (int64_t r = r0; r < r1; ++r) scale_symmetric_row(e + r * rows, w, w[r], rows);
           at::Tensor grad_tile = grad.narrow(0, r0, r1 - r0);
-          at::mm_out(grad_tile, weights.narrow(0, r0, r1 - r0), unit);
+          at::mm_out(grad_tile, exp_logits.narrow(0, r0, r1 - r0), unit);
           for (int64_t r = r0; r < r1; ++r) {
             const scalar_t* a_positive = u + ((r + n) % rows) * dim;
             combine_unit_backward(g + r * dim, scalar_t(1), a_positive, minus, u + r * dim, inv[r], dim);
           }
         }
       });
+  return {mean_loss(z, pos, rows), grad};
+}
+
+struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
+  // Rows [z1; z2]: the loss and the gradient of both views in one (2n, D) matrix.
+  static std::pair<double, at::Tensor> compute(const at::Tensor& z1, const at::Tensor& z2, double beta,
+                                               int64_t tile_rows) {
+    std::pair<double, at::Tensor> result;
+    AT_DISPATCH_FLOATING_TYPES(z1.scalar_type(), "simclr_loss", [&] {
+      result = simclr_loss_and_gradient<scalar_t>(z1, z2, static_cast<scalar_t>(beta), tile_rows);
     });
-    const std::vector<int64_t> dtypes = ctx->saved_data["dtypes"].toIntVector();
-    return {grad.narrow(0, 0, n).to(static_cast<at::ScalarType>(dtypes[0])),
-            grad.narrow(0, n, n).to(static_cast<at::ScalarType>(dtypes[1])), at::Tensor(), at::Tensor()};
+    return result;
+  }
+
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& view1, const at::Tensor& view2, double beta,
+                            int64_t tile_rows) {
+    const std::vector<at::Tensor> inputs = prepare_inputs({view1, view2});
+    TORCH_CHECK(inputs[0].size(0) == inputs[1].size(0), "simclr_loss: z1 and z2 differ in rows");
+    const auto [loss, grad] = compute(inputs[0], inputs[1], beta, tile_rows);
+    const int64_t n = inputs[0].size(0);
+    save_for_gradients(ctx, inputs, {grad.narrow(0, 0, n), grad.narrow(0, n, n)}, {view1, view2});
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["tile_rows"] = tile_rows;
+    return at::scalar_tensor(loss, inputs[0].options());
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
+    return hand_out_gradients(ctx, grad_outputs[0], 2, [&](const tensor_list& inputs) {
+      const at::Tensor grad = compute(inputs[0], inputs[1], ctx->saved_data["beta"].toDouble(),
+                                      ctx->saved_data["tile_rows"].toInt()).second;
+      const int64_t n = inputs[0].size(0);
+      return std::vector<at::Tensor>{grad.narrow(0, 0, n), grad.narrow(0, n, n)};
+    });
   }
 };
 
 // ---------------------------------------------------------------------------------------------------- MoCo
 
+// The loss and the gradients of the queries and (if need_keys) the keys, upstream gradient 1, in one parallel
+// region: the candidates are given, so a thread's rows need only its own queries and keys, and a row's gradient only
+// its own Z. Each thread normalises its queries and keys, makes E for its rows against the candidates (tiles of
+// column blocks) with their sums Z, then multiplies its rows of E by the candidates and weights the result.
+template <typename scalar_t>
+std::tuple<double, at::Tensor, at::Tensor> keyed_loss_and_gradients(const at::Tensor& queries, const at::Tensor& keys,
+                                                                    const at::Tensor& candidates, scalar_t beta,
+                                                                    int64_t tile_rows, int64_t block_columns,
+                                                                    bool need_keys) {
+  const int64_t rows = queries.size(0), dim = queries.size(1);
+  at::Tensor a = at::empty({rows, dim}, queries.options()), k = at::empty({rows, dim}, queries.options());
+  at::Tensor exp_logits = at::empty({rows, candidates.size(0)}, queries.options());
+  at::Tensor row_values = at::empty({4, rows}, queries.options());
+  at::Tensor grad = at::empty({rows, dim}, queries.options());
+  at::Tensor grad_keys = need_keys ? at::empty({rows, dim}, queries.options()) : at::Tensor();
+  const scalar_t *xq = queries.const_data_ptr<scalar_t>(), *xk = keys.const_data_ptr<scalar_t>();
+  scalar_t *ap = a.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *g = grad.data_ptr<scalar_t>();
+  scalar_t* gk = need_keys ? grad_keys.data_ptr<scalar_t>() : nullptr;
+  scalar_t* inv = row_values.data_ptr<scalar_t>();  // the queries' inverse norms
+  scalar_t *kinv = inv + rows, *pos = kinv + rows, *z = pos + rows;  // the keys', the positives' logits, Z
+  const double scale = 1.0 / static_cast<double>(rows);
+  run_phases(rows, [&](int64_t thread, int64_t threads) {
+    const auto [begin, end] = thread_share(rows, thread, threads);
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t dot_qk = unit_pair(xq + r * dim, xk + r * dim, ap + r * dim, kp + r * dim, inv + r, kinv + r, dim);
+      pos[r] = beta * dot_qk * inv[r] * kinv[r];
+    }
+    exp_logits_rows(a, candidates, beta, /*zero_diagonal=*/false, tile_rows, block_columns, begin, end, exp_logits,
+                    z);
+    for (int64_t r = begin; r < end; ++r) z[r] += std::exp(pos[r]);  // the positive key's term of the sum
+    for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {
+      const int64_t r1 = std::min(r0 + tile_rows, end);
+      at::Tensor grad_tile = grad.narrow(0, r0, r1 - r0);
+      at::mm_out(grad_tile, exp_logits.narrow(0, r0, r1 - r0), candidates);  // E @ B, rows weighted below
+    }
+    for (int64_t r = begin; r < end; ++r) {
+      // the softmax weights E / Z; the positive key's weight minus one; both with beta and the mean's 1/R
+      const double z_r = z[r];
+      const scalar_t weight = static_cast<scalar_t>(scale * beta / z_r);
+      const double positive_weight = std::exp(static_cast<double>(pos[r])) / z_r;
+      const scalar_t key_factor = static_cast<scalar_t>((positive_weight - 1) * scale * beta);
+      const scalar_t *ar = ap + r * dim, *kr = kp + r * dim;
+      combine_unit_backward(g + r * dim, weight, kr, key_factor, ar, inv[r], dim);
+      if (gk != nullptr) {  // the key's gradient: a * key_factor through the key's normalisation
+        scalar_t* gkr = gk + r * dim;
+        std::copy(ar, ar + dim, gkr);
+        combine_unit_backward(gkr, key_factor, ar, scalar_t(0), kr, kinv[r], dim);
+      }
+    }
+  });
+  return {mean_loss(z, pos, rows), grad, grad_keys};
+}
+
 struct KeyedLoss : public torch::autograd::Function<KeyedLoss> {
+  static std::tuple<double, at::Tensor, at::Tensor> compute(const tensor_list& inputs, double beta, int64_t tile_rows,
+                                                            int64_t block_columns, bool need_keys) {
+    std::tuple<double, at::Tensor, at::Tensor> result;
+    AT_DISPATCH_FLOATING_TYPES(inputs[0].scalar_type(), "keyed_loss", [&] {
+      result = keyed_loss_and_gradients<scalar_t>(inputs[0], inputs[1], inputs[2], static_cast<scalar_t>(beta),
+                                                  tile_rows, block_columns, need_keys);
+    });
+    return result;
+  }
+
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& query_input, const at::Tensor& key_input,
                             const at::Tensor& candidate_input, double beta, int64_t tile_rows,
                             int64_t block_columns) {
     const std::vector<at::Tensor> inputs = prepare_inputs({query_input, key_input, candidate_input});
-    const at::Tensor &queries = inputs[0], &keys = inputs[1], &candidates = inputs[2];
-    TORCH_CHECK(queries.size(0) == keys.size(0), "keyed_loss: queries and keys differ in rows");
-    const int64_t rows = queries.size(0), dim = queries.size(1);
-    at::Tensor a = at::empty({rows, dim}, queries.options()), inv_norm = at::empty({rows}, queries.options());
-    at::Tensor k = at::empty({rows, dim}, queries.options()), k_inv = at::empty({rows}, queries.options());
-    at::Tensor positive = at::empty({rows}, queries.options());
-    at::Tensor partition = at::empty({rows}, queries.options());
-    at::Tensor log_partition = at::empty({rows}, queries.options());
-    at::Tensor exp_logits = at::empty({rows, candidates.size(0)}, queries.options());
-    double loss = 0;
-    AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "keyed_forward", [&] {
-      const scalar_t* xq = queries.const_data_ptr<scalar_t>();
-      const scalar_t* xk = keys.const_data_ptr<scalar_t>();
-      scalar_t *ap = a.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
-      scalar_t *inv = inv_norm.data_ptr<scalar_t>(), *kinv = k_inv.data_ptr<scalar_t>();
-      scalar_t* pos = positive.data_ptr<scalar_t>();
-      scalar_t* z = partition.data_ptr<scalar_t>();
-      scalar_t* lz = log_partition.data_ptr<scalar_t>();
-      // The candidates are given, so a thread's rows need only its own queries: one parallel loop.
-      for_each_thread_rows(rows, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const scalar_t dot_qk =
-              unit_pair(xq + r * dim, xk + r * dim, ap + r * dim, kp + r * dim, inv + r, kinv + r, dim);
-          pos[r] = static_cast<scalar_t>(beta) * dot_qk * inv[r] * kinv[r];
-        }
-        exp_logits_rows(a, candidates, static_cast<scalar_t>(beta), /*zero_diagonal=*/false, tile_rows,
-                        block_columns, begin, end, exp_logits, z);
-        for (int64_t r = begin; r < end; ++r) {
-          z[r] += std::exp(pos[r]);  // the positive key's term of the sum
-          lz[r] = std::log(z[r]);
-        }
-      });
-      loss = mean_loss(lz, pos, rows);
-    });
+    TORCH_CHECK(inputs[0].size(0) == inputs[1].size(0), "keyed_loss: queries and keys differ in rows");
+    const bool need_keys = key_input.requires_grad();
+    const auto [loss, grad, grad_keys] = compute(inputs, beta, tile_rows, block_columns, need_keys);
+    save_for_gradients(ctx, inputs, {grad, grad_keys}, {query_input, key_input});
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["tile_rows"] = tile_rows;
-    ctx->saved_data["dtypes"] = std::vector<int64_t>{static_cast<int64_t>(query_input.scalar_type()),
-                                                     static_cast<int64_t>(key_input.scalar_type())};
-    ctx->save_for_backward({a, inv_norm, k, k_inv, positive, exp_logits, partition, candidates});
-    return at::scalar_tensor(loss, queries.options());
+    ctx->saved_data["block_columns"] = block_columns;
+    ctx->saved_data["need_keys"] = need_keys;
+    return at::scalar_tensor(loss, inputs[0].options());
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
-    refuse_double_backward();
-    const tensor_list saved = ctx->get_saved_variables();
-    const at::Tensor &a = saved[0], &inv_norm = saved[1], &k = saved[2], &k_inv = saved[3];
-    const at::Tensor &positive = saved[4], &exp_logits = saved[5], &partition = saved[6];
-    const at::Tensor& candidates = saved[7];
-    const double beta = ctx->saved_data["beta"].toDouble();
-    const int64_t tile_rows = ctx->saved_data["tile_rows"].toInt();
-    const bool need_keys = ctx->needs_input_grad(1);
-    const int64_t rows = a.size(0), dim = a.size(1);
-    const double scale = grad_outputs[0].item<double>() / static_cast<double>(rows);
-    at::Tensor grad = at::empty({rows, dim}, a.options());
-    at::Tensor grad_keys = need_keys ? at::empty({rows, dim}, a.options()) : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "keyed_backward", [&] {
-      const scalar_t *ap = a.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>();
-      const scalar_t *inv = inv_norm.const_data_ptr<scalar_t>(), *kinv = k_inv.const_data_ptr<scalar_t>();
-      const scalar_t* pos = positive.const_data_ptr<scalar_t>();
-      const scalar_t* z = partition.const_data_ptr<scalar_t>();
-      scalar_t* g = grad.data_ptr<scalar_t>();
-      scalar_t* gk = need_keys ? grad_keys.data_ptr<scalar_t>() : nullptr;
-      for_each_thread_rows(rows, [&](int64_t begin, int64_t end) {
-        for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {
-          const int64_t r1 = std::min(r0 + tile_rows, end);
-          at::Tensor grad_tile = grad.narrow(0, r0, r1 - r0);
-          at::mm_out(grad_tile, exp_logits.narrow(0, r0, r1 - r0), candidates);  // E @ B, rows weighted below
-        }
-        for (int64_t r = begin; r < end; ++r) {
-          // the softmax weights are E / Z (as in SimCLR's backward, Z saved rather than log Z); the positive key's
-          // weight minus one, with beta and the loss gradient's 1/R
-          const double z_r = z[r];
-          const scalar_t weight = static_cast<scalar_t>(scale * beta / z_r);
-          const double positive_weight = std::exp(static_cast<double>(pos[r])) / z_r;
-          const scalar_t key_factor = static_cast<scalar_t>((positive_weight - 1) * scale * beta);
-          const scalar_t *ar = ap + r * dim, *kr = kp + r * dim;
-          combine_unit_backward(g + r * dim, weight, kr, key_factor, ar, inv[r], dim);
-          if (gk != nullptr) {  // the key's gradient: a * key_factor through the key's normalisation
-            scalar_t* gkr = gk + r * dim;
-            std::copy(ar, ar + dim, gkr);
-            combine_unit_backward(gkr, key_factor, ar, scalar_t(0), kr, kinv[r], dim);
-          }
-        }
-      });
+    return hand_out_gradients(ctx, grad_outputs[0], 4, [&](const tensor_list& inputs) {
+      const auto [loss, grad, grad_keys] =
+          compute(inputs, ctx->saved_data["beta"].toDouble(), ctx->saved_data["tile_rows"].toInt(),
+                  ctx->saved_data["block_columns"].toInt(), ctx->saved_data["need_keys"].toBool());
+      return std::vector<at::Tensor>{grad, grad_keys};
     });
-    const std::vector<int64_t> dtypes = ctx->saved_data["dtypes"].toIntVector();
-    return {grad.to(static_cast<at::ScalarType>(dtypes[0])),
-            need_keys ? grad_keys.to(static_cast<at::ScalarType>(dtypes[1])) : at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
