@@ -38,7 +38,9 @@ reference and lightly (relative tolerance 1e-5 on the loss; the max abs differen
 Peak memory is measured, not estimated: one extra (untimed) call under ``torch.profiler`` with
 ``profile_memory=True``; the peak is the running sum of the CPU allocations and frees recorded during the
 forward+backward (memory held by the inputs before the call is not counted). The size of one float32 logits
-matrix is printed beside it for scale. The floor writes into preallocated buffers, so it has no peak.
+matrix is printed beside it for scale. The floor writes into preallocated buffers, so it has no peak. The same way,
+a forward alone gives what each loss holds from its forward to its backward (the allocations it leaves: saved
+tensors and the loss), which stays allocated while the rest of a model runs its backward.
 
 Allocator: glibc serves every allocation above 32 MiB with a fresh ``mmap`` and unmaps it on free, so by default
 the large rows (N = 4096, K = 65536) spend much of their time page-faulting new logits buffers in the kernel.
@@ -121,6 +123,7 @@ class Case:
     logits_shape: tuple[int, int]
     contenders: dict[str, Callable[[], None]] = field(default_factory=dict)
     values: dict[str, Callable[[], tuple[Tensor, list[Tensor]]]] = field(default_factory=dict)
+    forwards: dict[str, Callable[[], Tensor]] = field(default_factory=dict)  # the losses alone, for held_bytes
 
 
 def _eager(loss_fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
@@ -181,6 +184,7 @@ def nt_xent_case(n: int, dim: int, temperature: float, *, use_lightly: bool) -> 
     case = Case(f"nt_xent N={n} D={dim}", (2 * n, 2 * n))
     case.contenders = {name: _fwd_bwd(fn, leaves) for name, fn in losses.items()}
     case.values = {name: _value(fn, leaves) for name, fn in losses.items()}
+    case.forwards = dict(losses)
 
     a = F.normalize(torch.randn(2 * n, dim, generator=gen), dim=1)
     g = torch.randn(2 * n, 2 * n, generator=gen)
@@ -239,6 +243,7 @@ def info_nce_case(n: int, k: int, dim: int, temperature: float, *, use_lightly: 
     case = Case(f"info_nce N={n} K={k} D={dim}", (n, k + 1))
     case.contenders = {name: _fwd_bwd(fn, leaves) for name, fn in losses.items()}
     case.values = {name: _value(fn, leaves) for name, fn in losses.items()}
+    case.forwards = dict(losses)
     if use_lightly:
         case.values["lightly"] = _value(lightly_value, leaves)
 
@@ -300,13 +305,14 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def peak_bytes(fn: Callable[[], None]) -> int | None:
-    """Peak CPU bytes allocated during one call of ``fn`` (running sum of the profiler's allocation events)."""
+def _allocations(fn: Callable[[], object]) -> tuple[list[int], object] | None:
+    """The CPU allocation sizes (frees negative) during one call of ``fn``, in time order, and what it returned
+    (kept alive until the profiler has stopped); ``None`` where the profiler's private API has changed."""
     try:
         from torch.profiler import ProfilerActivity, profile
 
         with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
+            result = fn()
         events: list[tuple[int, int]] = []
         stack = list(prof.profiler.kineto_results.experimental_event_tree())
         while stack:
@@ -316,11 +322,26 @@ def peak_bytes(fn: Callable[[], None]) -> int | None:
             stack.extend(node.children)
     except (AttributeError, RuntimeError):  # a private profiler API: degrade to "n/a" if it changes
         return None
+    return [size for _, size in sorted(events)], result
+
+
+def peak_bytes(fn: Callable[[], None]) -> int | None:
+    """Peak CPU bytes allocated during one call of ``fn`` (running sum of the profiler's allocation events)."""
+    allocations = _allocations(fn)
+    if allocations is None:
+        return None
     current = peak = 0
-    for _, size in sorted(events):
+    for size in allocations[0]:
         current += size
         peak = max(peak, current)
     return peak
+
+
+def held_bytes(loss_fn: Callable[[], Tensor]) -> int | None:
+    """CPU bytes a loss's forward leaves allocated (its graph's saved state and the loss), which stay held while the
+    rest of a model runs its backward."""
+    allocations = _allocations(loss_fn)
+    return None if allocations is None else sum(allocations[0])
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -366,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# bench_loss: forward+backward per call ({machine_note()}; malloc: {malloc}; ours: {kernel})\n")
     if not use_lightly:
         print(f"{lightly_note}\n" if LIGHTLY else f"lightly: {lightly_note}\n")
-    check_rows, time_rows, memory_rows = [], [], []
+    check_rows, time_rows, memory_rows, held_rows = [], [], [], []
     for case in cases:
         check = check_values(case)
         for name in check.loss_diff:
@@ -397,6 +418,12 @@ def main(argv: list[str] | None = None) -> None:
             _mib(peaks["lightly"]) if "lightly" in peaks else NOT_INSTALLED,
             _ratio(peaks["ours"], logits_bytes) if peaks["ours"] is not None else "n/a",
         ])
+        held = {name: held_bytes(fn) for name, fn in case.forwards.items()}
+        held_rows.append([
+            case.label, _mib(held["ours"]), _mib(held["eager"]), _mib(held["reference"]),
+            _mib(held["lightly"]) if "lightly" in held else NOT_INSTALLED,
+            _ratio(held["ours"], logits_bytes) if held["ours"] is not None else "n/a",
+        ])
         print(f"done: {case.label}", file=sys.stderr, flush=True)
 
     print("## Values (fp32, same inputs)\n")
@@ -412,6 +439,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n## Peak memory of one forward+backward (torch.profiler, CPU allocations, MiB)\n")
     print(markdown_table(["case", "logits", "one logits matrix", "ours", "ours eager", "reference", "lightly",
                           "ours in logits matrices"], memory_rows))
+    print("\n## Held from the forward to the backward (CPU allocations the forward leaves, MiB)\n")
+    print("What the loss keeps for its backward while the rest of a model runs its own.\n")
+    print(markdown_table(["case", "ours", "ours eager", "reference", "lightly", "ours in logits matrices"],
+                         held_rows))
     print(f"\nFinished with {machine_note().split('; ')[-1]}.")
 
 
