@@ -426,8 +426,7 @@ tensor_list hand_out_gradients(AutogradContext* ctx, const at::Tensor& upstream,
   } else {
     gradients = recompute(inputs);
   }
-  const double scale = upstream.scalar_type() == at::kFloat && upstream.is_cpu() ? *upstream.const_data_ptr<float>()
-                                                                                   : upstream.item<double>();
+  const double scale = upstream.item<double>();
   const std::vector<int64_t> dtypes = ctx->saved_data["dtypes"].toIntVector();
   tensor_list result;
   for (size_t i = 0; i < gradients.size(); ++i) {
