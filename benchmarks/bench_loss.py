@@ -125,6 +125,12 @@ class Case:
     values: dict[str, Callable[[], tuple[Tensor, list[Tensor]]]] = field(default_factory=dict)
     forwards: dict[str, Callable[[], Tensor]] = field(default_factory=dict)  # the losses alone, for held_bytes
 
+    def set_losses(self, losses: dict[str, Callable[[], Tensor]], leaves: list[Tensor]) -> None:
+        """Each loss as a timed forward+backward, a value check and a forward alone."""
+        self.contenders = {name: _fwd_bwd(fn, leaves) for name, fn in losses.items()}
+        self.values = {name: _value(fn, leaves) for name, fn in losses.items()}
+        self.forwards = dict(losses)
+
 
 def _eager(loss_fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
     """``loss_fn`` on the eager path (trainers.streamed_ce), even where the fused kernel is built."""
@@ -182,9 +188,7 @@ def nt_xent_case(n: int, dim: int, temperature: float, *, use_lightly: bool) -> 
         lightly_loss = NTXentLoss(temperature=temperature)
         losses["lightly"] = lambda: lightly_loss(z1, z2)
     case = Case(f"nt_xent N={n} D={dim}", (2 * n, 2 * n))
-    case.contenders = {name: _fwd_bwd(fn, leaves) for name, fn in losses.items()}
-    case.values = {name: _value(fn, leaves) for name, fn in losses.items()}
-    case.forwards = dict(losses)
+    case.set_losses(losses, leaves)
 
     a = F.normalize(torch.randn(2 * n, dim, generator=gen), dim=1)
     g = torch.randn(2 * n, 2 * n, generator=gen)
@@ -241,9 +245,7 @@ def info_nce_case(n: int, k: int, dim: int, temperature: float, *, use_lightly: 
 
         losses["lightly"] = lambda: lightly_loss(query, key)
     case = Case(f"info_nce N={n} K={k} D={dim}", (n, k + 1))
-    case.contenders = {name: _fwd_bwd(fn, leaves) for name, fn in losses.items()}
-    case.values = {name: _value(fn, leaves) for name, fn in losses.items()}
-    case.forwards = dict(losses)
+    case.set_losses(losses, leaves)
     if use_lightly:
         case.values["lightly"] = _value(lightly_value, leaves)
 
@@ -305,14 +307,14 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _allocations(fn: Callable[[], object]) -> tuple[list[int], object] | None:
-    """The CPU allocation sizes (frees negative) during one call of ``fn``, in time order, and what it returned
-    (kept alive until the profiler has stopped); ``None`` where the profiler's private API has changed."""
+def _allocations(fn: Callable[[], object]) -> list[int] | None:
+    """The CPU allocation sizes (frees negative) during one call of ``fn``, in time order; ``None`` where the
+    profiler's private API has changed. What ``fn`` returns stays alive until the events are read."""
     try:
         from torch.profiler import ProfilerActivity, profile
 
         with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            result = fn()
+            _returned = fn()  # alive until the events are read: a loss's saved state is what held_bytes measures
         events: list[tuple[int, int]] = []
         stack = list(prof.profiler.kineto_results.experimental_event_tree())
         while stack:
@@ -322,7 +324,7 @@ def _allocations(fn: Callable[[], object]) -> tuple[list[int], object] | None:
             stack.extend(node.children)
     except (AttributeError, RuntimeError):  # a private profiler API: degrade to "n/a" if it changes
         return None
-    return [size for _, size in sorted(events)], result
+    return [size for _, size in sorted(events)]
 
 
 def peak_bytes(fn: Callable[[], None]) -> int | None:
@@ -331,7 +333,7 @@ def peak_bytes(fn: Callable[[], None]) -> int | None:
     if allocations is None:
         return None
     current = peak = 0
-    for size in allocations[0]:
+    for size in allocations:
         current += size
         peak = max(peak, current)
     return peak
@@ -341,7 +343,7 @@ def held_bytes(loss_fn: Callable[[], Tensor]) -> int | None:
     """CPU bytes a loss's forward leaves allocated (its graph's saved state and the loss), which stay held while the
     rest of a model runs its backward."""
     allocations = _allocations(loss_fn)
-    return None if allocations is None else sum(allocations[0])
+    return None if allocations is None else sum(allocations)
 
 
 # ---------------------------------------------------------------------------------------------- report

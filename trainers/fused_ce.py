@@ -89,7 +89,8 @@ def eager_only() -> Iterator[None]:
 
 def _usable(tensors: tuple[Tensor, ...], beta: float) -> tuple[ModuleType, torch.dtype] | None:
     """The kernel and the dtype to compute in, where the fused path applies: CPU tensors, a gradient to compute
-    (without one the eager path stores no logits at all) and unshifted logits (see streamed_ce._exp_logits).
+    (the kernel's forward always makes it; without one the eager path computes the loss alone, storing no logits)
+    and unshifted logits (see streamed_ce._exp_logits).
     Plain loops, no generators: this runs on every call (0.7 us instead of 2.2)."""
     if _eager_only or not torch.is_grad_enabled():
         return None

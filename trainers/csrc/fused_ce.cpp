@@ -32,7 +32,6 @@
 #include <cstring>
 #include <exception>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -442,6 +441,9 @@ tensor_list hand_out_gradients(AutogradContext* ctx, const at::Tensor& upstream,
   return result;
 }
 
+// A loss and the gradients of its tensor inputs, in their order (undefined where an input needs none).
+using LossAndGradients = std::pair<double, std::vector<at::Tensor>>;
+
 // mean_r (log Z_r - positive_r), the logs in the loss's dtype, summed in double.
 template <typename T>
 double mean_loss(const T* partition, const T* positive, int64_t rows) {
@@ -463,8 +465,8 @@ double mean_loss(const T* partition, const T* positive, int64_t rows) {
 //      row's w, hence the barrier before), multiplies them by a and takes the result through the normalisation.
 //      That is half the flops of E @ [a | w a] (the two sides as one product of 2D columns).
 template <typename scalar_t>
-std::pair<double, at::Tensor> simclr_loss_and_gradient(const at::Tensor& z1, const at::Tensor& z2, scalar_t beta,
-                                                       int64_t tile_rows) {
+LossAndGradients simclr_loss_and_gradients(const at::Tensor& z1, const at::Tensor& z2, scalar_t beta,
+                                           int64_t tile_rows) {
   const int64_t n = z1.size(0), rows = 2 * n, dim = z1.size(1);
   at::Tensor unit = at::empty({rows, dim}, z1.options());
   at::Tensor exp_logits = at::empty({rows, rows}, z1.options());
@@ -507,16 +509,14 @@ std::pair<double, at::Tensor> simclr_loss_and_gradient(const at::Tensor& z1, con
           }
         }
       });
-  return {mean_loss(z, pos, rows), grad};
+  return {mean_loss(z, pos, rows), {grad.narrow(0, 0, n), grad.narrow(0, n, n)}};  // both views in one matrix
 }
 
 struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
-  // Rows [z1; z2]: the loss and the gradient of both views in one (2n, D) matrix.
-  static std::pair<double, at::Tensor> compute(const at::Tensor& z1, const at::Tensor& z2, double beta,
-                                               int64_t tile_rows) {
-    std::pair<double, at::Tensor> result;
-    AT_DISPATCH_FLOATING_TYPES(z1.scalar_type(), "simclr_loss", [&] {
-      result = simclr_loss_and_gradient<scalar_t>(z1, z2, static_cast<scalar_t>(beta), tile_rows);
+  static LossAndGradients compute(const tensor_list& inputs, double beta, int64_t tile_rows) {
+    LossAndGradients result;
+    AT_DISPATCH_FLOATING_TYPES(inputs[0].scalar_type(), "simclr_loss", [&] {
+      result = simclr_loss_and_gradients<scalar_t>(inputs[0], inputs[1], static_cast<scalar_t>(beta), tile_rows);
     });
     return result;
   }
@@ -525,9 +525,8 @@ struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
                             int64_t tile_rows) {
     const std::vector<at::Tensor> inputs = prepare_inputs({view1, view2});
     TORCH_CHECK(inputs[0].size(0) == inputs[1].size(0), "simclr_loss: z1 and z2 differ in rows");
-    const auto [loss, grad] = compute(inputs[0], inputs[1], beta, tile_rows);
-    const int64_t n = inputs[0].size(0);
-    save_for_gradients(ctx, inputs, {grad.narrow(0, 0, n), grad.narrow(0, n, n)}, {view1, view2});
+    const auto [loss, gradients] = compute(inputs, beta, tile_rows);
+    save_for_gradients(ctx, inputs, gradients, {view1, view2});
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["tile_rows"] = tile_rows;
     return at::scalar_tensor(loss, inputs[0].options());
@@ -535,10 +534,7 @@ struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
     return hand_out_gradients(ctx, grad_outputs[0], 2, [&](const tensor_list& inputs) {
-      const at::Tensor grad = compute(inputs[0], inputs[1], ctx->saved_data["beta"].toDouble(),
-                                      ctx->saved_data["tile_rows"].toInt()).second;
-      const int64_t n = inputs[0].size(0);
-      return std::vector<at::Tensor>{grad.narrow(0, 0, n), grad.narrow(0, n, n)};
+      return compute(inputs, ctx->saved_data["beta"].toDouble(), ctx->saved_data["tile_rows"].toInt()).second;
     });
   }
 };
@@ -550,10 +546,9 @@ struct SimclrLoss : public torch::autograd::Function<SimclrLoss> {
 // its own Z. Each thread normalises its queries and keys, makes E for its rows against the candidates (tiles of
 // column blocks) with their sums Z, then multiplies its rows of E by the candidates and weights the result.
 template <typename scalar_t>
-std::tuple<double, at::Tensor, at::Tensor> keyed_loss_and_gradients(const at::Tensor& queries, const at::Tensor& keys,
-                                                                    const at::Tensor& candidates, scalar_t beta,
-                                                                    int64_t tile_rows, int64_t block_columns,
-                                                                    bool need_keys) {
+LossAndGradients keyed_loss_and_gradients(const at::Tensor& queries, const at::Tensor& keys,
+                                          const at::Tensor& candidates, scalar_t beta, int64_t tile_rows,
+                                          int64_t block_columns, bool need_keys) {
   const int64_t rows = queries.size(0), dim = queries.size(1);
   at::Tensor a = at::empty({rows, dim}, queries.options()), k = at::empty({rows, dim}, queries.options());
   at::Tensor exp_logits = at::empty({rows, candidates.size(0)}, queries.options());
@@ -595,13 +590,13 @@ std::tuple<double, at::Tensor, at::Tensor> keyed_loss_and_gradients(const at::Te
       }
     }
   });
-  return {mean_loss(z, pos, rows), grad, grad_keys};
+  return {mean_loss(z, pos, rows), {grad, grad_keys}};
 }
 
 struct KeyedLoss : public torch::autograd::Function<KeyedLoss> {
-  static std::tuple<double, at::Tensor, at::Tensor> compute(const tensor_list& inputs, double beta, int64_t tile_rows,
-                                                            int64_t block_columns, bool need_keys) {
-    std::tuple<double, at::Tensor, at::Tensor> result;
+  static LossAndGradients compute(const tensor_list& inputs, double beta, int64_t tile_rows, int64_t block_columns,
+                                  bool need_keys) {
+    LossAndGradients result;
     AT_DISPATCH_FLOATING_TYPES(inputs[0].scalar_type(), "keyed_loss", [&] {
       result = keyed_loss_and_gradients<scalar_t>(inputs[0], inputs[1], inputs[2], static_cast<scalar_t>(beta),
                                                   tile_rows, block_columns, need_keys);
@@ -614,22 +609,19 @@ struct KeyedLoss : public torch::autograd::Function<KeyedLoss> {
                             int64_t block_columns) {
     const std::vector<at::Tensor> inputs = prepare_inputs({query_input, key_input, candidate_input});
     TORCH_CHECK(inputs[0].size(0) == inputs[1].size(0), "keyed_loss: queries and keys differ in rows");
-    const bool need_keys = key_input.requires_grad();
-    const auto [loss, grad, grad_keys] = compute(inputs, beta, tile_rows, block_columns, need_keys);
-    save_for_gradients(ctx, inputs, {grad, grad_keys}, {query_input, key_input});
+    const auto [loss, gradients] = compute(inputs, beta, tile_rows, block_columns, key_input.requires_grad());
+    save_for_gradients(ctx, inputs, gradients, {query_input, key_input});
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["tile_rows"] = tile_rows;
     ctx->saved_data["block_columns"] = block_columns;
-    ctx->saved_data["need_keys"] = need_keys;
     return at::scalar_tensor(loss, inputs[0].options());
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
     return hand_out_gradients(ctx, grad_outputs[0], 4, [&](const tensor_list& inputs) {
-      const auto [loss, grad, grad_keys] =
-          compute(inputs, ctx->saved_data["beta"].toDouble(), ctx->saved_data["tile_rows"].toInt(),
-                  ctx->saved_data["block_columns"].toInt(), ctx->saved_data["need_keys"].toBool());
-      return std::vector<at::Tensor>{grad, grad_keys};
+      return compute(inputs, ctx->saved_data["beta"].toDouble(), ctx->saved_data["tile_rows"].toInt(),
+                     ctx->saved_data["block_columns"].toInt(), ctx->needs_input_grad(1))
+          .second;
     });
   }
 };
