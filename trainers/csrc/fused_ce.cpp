@@ -408,7 +408,7 @@ void save_for_gradients(AutogradContext* ctx, const std::vector<at::Tensor>& pre
 }
 
 // The backward of both: the forward's gradients (or recompute(saved inputs)'s), times the upstream gradient,
-// in the inputs' dtypes; then `extra` undefined gradients for the non-tensor arguments.
+// in the inputs' dtypes; then `extra` undefined gradients for the other arguments (MoCo's candidates among them).
 template <typename Recompute>
 tensor_list hand_out_gradients(AutogradContext* ctx, const at::Tensor& upstream, int64_t extra,
                                const Recompute& recompute) {
