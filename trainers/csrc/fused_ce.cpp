@@ -334,8 +334,9 @@ std::vector<at::Tensor> prepare_inputs(const std::vector<at::Tensor>& tensors) {
 // One parallel region whose threads run the phases in order, a barrier between phases: phase(thread, threads) for
 // thread in [0, threads), threads at most one per kGrain items of `work`. Like at::parallel_for, it runs on the
 // calling thread alone where the work is small, torch has one thread, or the caller is in a parallel region
-// already; and products called inside it run on the calling thread (neither ATen nor MKL forks in a region). An
-// exception in a phase is rethrown after the region; every thread still reaches every barrier.
+// already; and products called inside it run on the calling thread (neither ATen nor MKL forks in a region). The
+// caller runs below autograd (BelowAutograd, set in both losses' compute), and so does every thread of the region.
+// An exception in a phase is rethrown after the region; every thread still reaches every barrier.
 template <typename... Phases>
 void run_phases(int64_t work, const Phases&... phases) {
   at::internal::lazy_init_num_threads();
@@ -347,7 +348,6 @@ void run_phases(int64_t work, const Phases&... phases) {
   if (!parallel) {
     at::internal::ThreadIdGuard thread_guard(0);
     c10::ParallelGuard parallel_guard(true);
-    const BelowAutograd below_autograd;
     (phases(0, 1), ...);
     return;
   }
@@ -360,7 +360,7 @@ void run_phases(int64_t work, const Phases&... phases) {
     const int64_t thread = omp_get_thread_num();
     at::internal::ThreadIdGuard thread_guard(static_cast<int>(thread));
     c10::ParallelGuard parallel_guard(true);
-    const BelowAutograd below_autograd;  // thread-local: the calling thread's guard does not reach the others
+    const BelowAutograd below_autograd;  // the caller's guard is thread-local: the team's others need their own
     bool first = true;
     const auto run = [&](const auto& phase) {
       if (!first) {
