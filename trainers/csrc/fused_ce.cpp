@@ -65,8 +65,8 @@ constexpr int64_t kGrain = 16;      // rows per parallel chunk: a row is a few h
 // inline templates, and for float32 compiled three times (AVX-512, AVX2 + FMA, the baseline x86-64 or other target)
 // through GCC's target attribute; the best the CPU supports is picked at the first call, so the build never assumes
 // more than the baseline. One exception: the AVX-512 build's exp pass is written with intrinsics (exp_avx512), for
-// two instructions GCC does not generate from the portable loop. float64 (rare) uses the baseline build of the same
-// templates, with std::exp.
+// a table lookup in a register and scalef, which GCC does not generate from the portable loop. float64 (rare) uses
+// the baseline build of the same templates, with std::exp.
 #define ROW_INLINE __attribute__((always_inline)) inline
 
 constexpr int64_t kLanes = 16;  // partial sums per reduction: one AVX-512 register, two AVX2 ones
@@ -126,8 +126,8 @@ ROW_INLINE void scale_symmetric_loop(T* e, const T* f, T f_r, int64_t columns) {
   for (int64_t c = 0; c < columns; ++c) e[c] *= f_r + f[c];
 }
 
-// Shared with exp_avx512: log2(e), ln2 in two parts (Cody and Waite: n * kLn2High is exact for the n that occur)
-// and Cephes' coefficients of exp(r) = 1 + r + r^2 (c0 r^5 + c1 r^4 + ... + c5).
+// log2(e) and ln2 in two parts (Cody and Waite: n * kLn2High is exact for the n that occur, in exp_avx512 for the
+// sixteenths too), and Cephes' coefficients of exp(r) = 1 + r + r^2 (c0 r^5 + c1 r^4 + ... + c5) for fast_exp.
 constexpr float kLog2e = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
 constexpr float kExpPolynomial[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
                                      4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
@@ -159,20 +159,33 @@ ROW_INLINE float exp_sum_loop(float* e, int64_t count, float beta) {
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AVX512_TARGET __attribute__((target("avx512f,avx2,fma")))
 
-// fast_exp for 16 floats with two AVX-512 instructions GCC does not generate from the portable loop: roundscale
-// rounds x / ln2 to the nearest integer n, and scalef makes p * 2^n directly, without the clamp, the integer
-// conversion and the exponent bits. Same reduction and polynomial, within 1.5 ulp over [-87, 88] as well; outside
-// it (never reached: the logits stay within +-beta <= 40) it gives subnormals, 0 or inf where fast_exp clamps.
-// 0.65x the time of the portable loop's AVX-512 build (256 x 512 logits on an AMD EPYC, in cache).
+// exp for 16 floats, the AVX-512 build's exp pass. Tang's table method instead of fast_exp's reduction: x = k ln2 + r
+// with k rounded to the nearest sixteenth, k = q + i / 16, so |r| <= ln2 / 32 and exp(x) = 2^q 2^(i / 16) exp(r).
+// 2^(i / 16) comes from a table of 16 floats held in one register (permutexvar picks by the lowest four bits, where
+// the rounding leaves i), exp(r) - 1 from a degree-3 Taylor polynomial (truncation error below 1e-8 on that range),
+// and scalef makes the power of two directly: 10 vector operations per 16 floats instead of 13 for fast_exp's
+// reduction and degree-7 polynomial on |r| <= ln2 / 2. Within 1.07 ulp (relative error 1.15e-7) over [-87, 88]
+// (4 million points), against 1.25 ulp for the degree-7 version it replaced, in 0.77-0.86x its time (256 x 512
+// logits in cache, AMD EPYC). Outside [-87, 88] (never reached: the logits stay within +-beta <= 40) it gives
+// subnormals, 0 or inf where fast_exp clamps. NaN stays NaN.
 AVX512_TARGET ROW_INLINE __m512 exp_avx512(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
-  __m512 p = _mm512_set1_ps(kExpPolynomial[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPolynomial[i]));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
+  const __m512 two_to_sixteenths = _mm512_setr_ps(  // 2^(i / 16), i = 0..15
+      1.0f, 1.04427378242741384f, 1.09050773266525766f, 1.13878863475669165f, 1.18920711500272107f,
+      1.24185781207348405f, 1.29683955465100967f, 1.35425554693689273f, 1.41421356237309505f,
+      1.47682614593949931f, 1.54221082540794082f, 1.61049033194925431f, 1.68179283050742909f,
+      1.75625216037329948f, 1.83400808640934246f, 1.91520656139714729f);
+  // 1.5 * 2^19, whose float neighbours are 1/16 apart: adding it rounds x / ln2 to the nearest sixteenth, and leaves
+  // 16 k mod 16 in the lowest four bits.
+  constexpr float kRound = 786432.0f;
+  const __m512 rounded = _mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(kRound));
+  const __m512 k = _mm512_sub_ps(rounded, _mm512_set1_ps(kRound));
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2High), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Low), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 6), r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_mul_ps(p, r);  // exp(r) - 1, so that 2^(i / 16) exp(r) is one fused multiply-add (one rounding)
+  const __m512 two_to_fraction = _mm512_permutexvar_ps(_mm512_castps_si512(rounded), two_to_sixteenths);
+  return _mm512_scalef_ps(_mm512_fmadd_ps(two_to_fraction, p, two_to_fraction), k);
 }
 
 // exp_sum_loop with exp_avx512: 16 columns at a time, the last few under a mask.
