@@ -163,11 +163,11 @@ ROW_INLINE float exp_sum_loop(float* e, int64_t count, float beta) {
 // with k rounded to the nearest sixteenth, k = q + i / 16, so |r| <= ln2 / 32 and exp(x) = 2^q 2^(i / 16) exp(r).
 // 2^(i / 16) comes from a table of 16 floats held in one register (permutexvar picks by the lowest four bits, where
 // the rounding leaves i), exp(r) - 1 from a degree-3 Taylor polynomial (truncation error below 1e-8 on that range),
-// and scalef makes the power of two directly: 10 vector operations per 16 floats instead of 13 for fast_exp's
-// reduction and degree-7 polynomial on |r| <= ln2 / 2. Within 1.07 ulp (relative error 1.15e-7) over [-87, 88]
-// (4 million points), against 1.25 ulp for the degree-7 version it replaced, in 0.77-0.86x its time (256 x 512
-// logits in cache, AMD EPYC). Outside [-87, 88] (never reached: the logits stay within +-beta <= 40) it gives
-// subnormals, 0 or inf where fast_exp clamps. NaN stays NaN.
+// and scalef makes the power of two directly: 10 vector operations per 16 floats, against 13 for the version it
+// replaced (fast_exp's reduction and degree-7 polynomial on |r| <= ln2 / 2, with roundscale and scalef). Within 1.07
+// ulp (relative error 1.15e-7) over [-87, 88] (4 million points), against 1.25 ulp for that version, in 0.77-0.86x
+// its time (256 x 512 logits in cache, AMD EPYC). Outside [-87, 88] (never reached: the logits stay within
+// +-beta <= 40) it gives subnormals, 0 or inf where fast_exp clamps. NaN stays NaN.
 AVX512_TARGET ROW_INLINE __m512 exp_avx512(__m512 x) {
   const __m512 two_to_sixteenths = _mm512_setr_ps(  // 2^(i / 16), i = 0..15
       1.0f, 1.04427378242741384f, 1.09050773266525766f, 1.13878863475669165f, 1.18920711500272107f,
