@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils import flatten_dict
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from search_spaces import SearchSpace
@@ -56,22 +59,94 @@ class StudySearch(OptunaSearch):
     With ``max_active``, it also limits the trials that run or wait to start, not counting paused ones (the
     promotion scheduler pauses trials at rungs and tells it, ``on_pause``/``on_unpause``): Tune's
     ConcurrencyLimiter counts a paused trial as running, so with trials paused at rungs it would stop proposing.
+
+    With ``study_dir`` and ``num_trials``, a resumed study neither repeats nor exceeds its trials. Tune snapshots its
+    experiment (trials and this searcher) every 10 s or more, while the results store records a trial the moment it
+    ends: a trial suggested and finished after the last snapshot is in the results but unknown to the restored run,
+    whose sampler (restored with its random state) suggests the same values again. After a restore, a suggestion
+    with the values of such a recorded trial is not handed to Tune: Optuna is told the recorded outcome (as the
+    trial's own end told it) and asked again. The study's count includes those trials (``Searcher.FINISHED`` at
+    ``num_trials``); any left when it is reached take the next suggestions in the order they started.
     """
 
-    def __init__(self, *args: Any, max_active: int = 0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_active: int = 0, study_dir: str | None = None, num_trials: int = 0,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_active = max_active
         self._active: set[str] = set()
         self._paused: set[str] = set()
+        self.study_dir = study_dir
+        self.num_trials = num_trials
+        self._unreplayed: list[pd.DataFrame] | None = []  # None: read the results store at the next suggest
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # A study started before the limit existed resumes without one (its Tuner pickled the searcher then).
-        self.__dict__.update({"max_active": 0, "_active": set(), "_paused": set()} | state)
+        # A study started before these existed resumes without them (its Tuner pickled the searcher then).
+        defaults = {"max_active": 0, "_active": set(), "_paused": set(), "study_dir": None, "num_trials": 0,
+                    "_unreplayed": []}
+        self.__dict__.update(defaults | state)
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        if self.max_active and len(self._active - self._paused) >= self.max_active:
-            return None  # Tune asks again later
-        suggestion = super().suggest(trial_id)
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._unreplayed = None  # this process resumes the study: compare with the results store first
+
+    def _finished_since_snapshot(self) -> list[pd.DataFrame]:
+        """The recorded trials (their rows, one per seed) this searcher never suggested, oldest first."""
+        if self.study_dir is None:
+            return []
+        trials, _ = results.load(self.study_dir)
+        unknown = trials[~trials["trial_id"].isin(list(self._ot_trials))]
+        starts = unknown.groupby("trial_id")["started_at"].min().sort_values()
+        return [unknown[unknown["trial_id"] == trial_id] for trial_id in starts.index]
+
+    def _recorded_with(self, suggestion: dict[str, Any]) -> pd.DataFrame | None:
+        """The first unreplayed trial whose recorded values are the suggestion's (None if none)."""
+        params = flatten_dict(suggestion)
+        for rows in self._unreplayed or []:
+            first = rows.iloc[0]
+            compared = {k: v for k, v in params.items() if k in rows.columns and not pd.isna(first[k])}
+            if compared and all(first[k] == v for k, v in compared.items()):
+                return rows
+        return None
+
+    def _tell_recorded(self, optuna_key: str, rows: pd.DataFrame) -> None:
+        """Tell the Optuna trial asked under ``optuna_key`` the outcome of the recorded trial ``rows``."""
+        assert self._unreplayed is not None
+        self._unreplayed = [other for other in self._unreplayed if other is not rows]
+        trial_id = str(rows["trial_id"].iloc[0])
+        self._ot_trials[trial_id] = self._ot_trials.pop(optuna_key)  # Optuna's record under the trial's own id
+        statuses = set(rows["status"])
+        if "failed" in statuses:
+            self.on_trial_complete(trial_id, None, error=True)
+        elif "early-stopped" in statuses:
+            self.on_trial_complete(trial_id, None)  # PRUNED, as ASHA's stop was told
+        else:  # completed (seeds that diverged count with the worst objective, as run_trial reports)
+            self.on_trial_complete(trial_id, {"is_final": True, self.metric: float(rows["objective"].mean())})
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self._unreplayed is None:
+            self._unreplayed = self._finished_since_snapshot()
+        while True:
+            if self.num_trials and len(self._ot_trials) + len(self._unreplayed) >= self.num_trials:
+                while self._unreplayed:  # recorded trials not suggested again yet: they take the next suggestions
+                    key = f"replay-{len(self._ot_trials)}"
+                    recorded = self._recorded_with(super().suggest(key))
+                    if recorded is not None:
+                        self._tell_recorded(key, recorded)
+                        continue
+                    # A sampler that does not repeat itself: Optuna learns nothing from a suggestion that never ran.
+                    dropped = self._unreplayed.pop(0)
+                    print(f"WARNING: trial {dropped['trial_id'].iloc[0]} finished after Tune's last snapshot and its "
+                          "values were not suggested again; the searcher does not learn from it",
+                          file=sys.stderr, flush=True)
+                    self.on_trial_complete(key, None, error=True)
+                return Searcher.FINISHED
+            if self.max_active and len(self._active - self._paused) >= self.max_active:
+                return None  # Tune asks again later
+            suggestion = super().suggest(trial_id)
+            recorded = self._recorded_with(suggestion) if isinstance(suggestion, dict) else None
+            if recorded is None:
+                break
+            self._tell_recorded(trial_id, recorded)  # it ran already: ask again for this Tune trial
         if isinstance(suggestion, dict):
             self._active.add(trial_id)
         return suggestion
@@ -266,10 +341,12 @@ def make_searcher(study: StudyConfig, space: SearchSpace, max_active: int = 0) -
     define_by_run = DefineByRun(space)
     if study.searcher == "grid":
         return StudySearch(space=define_by_run, metric="objective", mode="max", max_active=max_active,
-                           sampler=optuna.samplers.RandomSampler(seed=study.seed), points_to_evaluate=space.grid())
+                           sampler=optuna.samplers.RandomSampler(seed=study.seed), points_to_evaluate=space.grid(),
+                           study_dir=study.study_dir, num_trials=study.num_trials)
     sampler = (optuna.samplers.TPESampler(seed=study.seed) if study.searcher == "tpe"
                else optuna.samplers.RandomSampler(seed=study.seed))
-    return StudySearch(space=define_by_run, metric="objective", mode="max", max_active=max_active, sampler=sampler)
+    return StudySearch(space=define_by_run, metric="objective", mode="max", max_active=max_active, sampler=sampler,
+                       study_dir=study.study_dir, num_trials=study.num_trials)
 
 
 @ray.remote(num_cpus=0)

@@ -15,10 +15,13 @@ import optuna
 import pandas as pd
 import pytest
 import ray
+from ray.tune.search import Searcher
+from ray.tune.utils import flatten_dict
 
 from study import analyze, results
 from study.config import StudyConfig
-from study.launch import BASELINES_FILE, RUNGS_FILE, StudySearch, main, prepare_study_dir, run_study
+from study.launch import BASELINES_FILE, RUNGS_FILE, StudySearch, main, make_searcher, prepare_study_dir, run_study
+from study.trial import WORST_OBJECTIVE
 
 HAS_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
 needs_data = pytest.mark.skipif(not HAS_FMNIST, reason="needs the Debian package dataset-fashion-mnist")
@@ -122,8 +125,12 @@ def test_killed_launcher_resumes_without_losing_or_repeating_trials(tmp_path: Pa
     flags = [*_flags(SMOKE | {"num_trials": 3, "max_concurrent_trials": 1, "baselines": False,
                               "scheduler": scheduler}), "--name", "killed", "--storage-path", str(tmp_path)]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    launcher = subprocess.Popen([sys.executable, "-m", "study.launch", *flags], env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Tune snapshots the experiment at its first step and then every TUNE_GLOBAL_CHECKPOINT_S (auto: 10 s or more;
+    # here an hour, unless a trial's checkpoints force one), so the trial recorded first can finish after the
+    # snapshot the resume starts from: the resumed searcher must not suggest it again (StudySearch).
+    first_env = env | {"TUNE_GLOBAL_CHECKPOINT_S": "3600"}
+    launcher = subprocess.Popen([sys.executable, "-m", "study.launch", *flags], env=first_env,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trials_file = tmp_path / "killed" / results.TRIALS_FILE
     deadline = time.monotonic() + 400
     while not trials_file.exists() and time.monotonic() < deadline and launcher.poll() is None:
@@ -158,6 +165,50 @@ def test_killed_launcher_resumes_without_losing_or_repeating_trials(tmp_path: Pa
         assert len(completed) == 3
     else:  # every trial reached the rung at epoch 1, across the kill
         assert len(json.loads((tmp_path / "killed" / RUNGS_FILE).read_text())["results"]["1"]) == 3
+
+
+@pytest.mark.parametrize("running_first", [False, True])
+@pytest.mark.parametrize(("status", "state"), [("completed", optuna.trial.TrialState.COMPLETE),
+                                             ("early-stopped", optuna.trial.TrialState.PRUNED),
+                                             ("failed", optuna.trial.TrialState.FAIL)])
+def test_a_resumed_searcher_replays_trials_that_finished_after_its_snapshot(
+        tmp_path: Path, status: str, state: optuna.trial.TrialState, running_first: bool) -> None:
+    # Tune snapshots the searcher every 10 s or more; the results store records a trial as it ends. After the
+    # snapshot (trial "a"), trial "rec" is suggested and recorded, and with running_first a trial "run" that was
+    # still running at the kill was suggested before it. The restored searcher must suggest "run" again, must not
+    # suggest "rec" again (the killed-launcher test above met that once), must tell Optuna the outcome of "rec",
+    # and must stop at num_trials counting it.
+    study = StudyConfig(name="replay", storage_path=str(tmp_path), num_trials=3)
+    space = study.search_space()
+    before = make_searcher(study, space)
+    before.suggest("a")
+    snapshot = str(tmp_path / "searcher-state.pkl")
+    before.save(snapshot)
+    config_run = before.suggest("run") if running_first else None
+    config_rec = before.suggest("rec")
+    objective = 0.25 if status == "completed" else WORST_OBJECTIVE
+    rows = [{"study_name": study.name, "trial_id": "rec", "seed": seed, "status": status, "objective": objective,
+             "started_at": pd.Timestamp("2026-11-30", tz="UTC"), **flatten_dict(config_rec)} for seed in (0, 1)]
+    results.record(study.study_dir, rows, [])
+    before.on_trial_complete("rec", {"is_final": True, "objective": objective} if status == "completed" else None,
+                             error=status == "failed")
+    third = config_rec if running_first else before.suggest("third")  # the uninterrupted searcher's third trial
+
+    resumed = make_searcher(study, space)
+    resumed.restore(snapshot)
+    if running_first:
+        assert resumed.suggest("x") == config_run  # the running trial runs again
+    else:
+        assert resumed.suggest("x") == third != config_rec  # "rec" is not suggested again
+    assert resumed.suggest("y") == Searcher.FINISHED  # a, x and rec: the study's three trials
+    told = resumed._ot_study.trials
+    assert len(told) == 3 and told[1 + running_first].state == state
+    assert [t.params for t in told] == [t.params for t in before._ot_study.trials][:3]
+    if status == "completed":
+        assert told[1 + running_first].value == pytest.approx(0.25)
+    assert "rec" in resumed._ot_trials and "x" in resumed._ot_trials
+    fresh = make_searcher(study, space)  # a study that was not restored reads nothing and replays nothing
+    assert fresh.suggest("a") == before._ot_study.trials[0].params and len(fresh._ot_trials) == 1
 
 
 @needs_data
