@@ -1,7 +1,7 @@
 """The fused C++ kernel of the two common contrastive losses, built on first use, with the eager path as fallback.
 
 ``csrc/fused_ce.cpp`` computes one process's SimCLR loss and MoCo's InfoNCE (unit queue, no gradient into it)
-as :func:`trainers.streamed_ce.contrastive_cross_entropy` does, as two C++ autograd functions. Each thread takes one
+as :func:`trainers.streamed_ce.contrastive_cross_entropy` does, each with its own autograd node. Each thread takes one
 run of rows and does all of their work, in one parallel region: single-threaded products tile by tile (one thread's
 tile budget), each tile exponentiated and summed in that core's cache by vectorised row loops (AVX-512, AVX2 or
 baseline builds of the same loops, picked at run time), then its own rows of E scaled and multiplied for the
