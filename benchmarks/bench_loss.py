@@ -25,6 +25,11 @@ What is measured, per call (median over interleaved rounds, in milliseconds):
     ``info_nce``, so that copy is not in our number);
   - ``floor``: forward (N x D) @ (D x K), backward one (N x K) @ (K x D) (the queue has no gradient, so the
     gradient needs only the query side).
+* ``ours' kernel alone`` (both losses, where the fused kernel is built): the same kernel call as ``ours`` under
+  ``torch.no_grad()``: it still makes the loss and its gradients (the kernel makes the gradients in its forward), but
+  records no graph and runs no backward, so ``ours - kernel`` is what autograd adds to the call. Beside it,
+  ``autograd call``: ``(x * 1.0).sum().backward()`` on a one-element leaf, the fixed cost of any forward+backward
+  through autograd on this machine in the same rounds (the floor's bare products pay neither).
 * ``floor + exp/sum pass`` (both losses): the floor (nt_xent: its (G + G^T) @ A form) plus the one elementwise
   pass that every exact softmax loss makes, ``exp`` of every logit and its row sum, done block by block right
   after each block's product (in cache). ``(floor + exp/sum)/floor`` is how much of issue #7's 1.3x allowance
@@ -71,7 +76,7 @@ import torch.nn.functional as F
 from _common import calls_for, interleaved, machine_note, markdown_table, median, spread
 from torch import Tensor
 
-from trainers import fused_ce
+from trainers import fused_ce, streamed_ce
 from trainers.losses import info_nce, nt_xent
 from trainers.runtime import keep_freed_memory
 from trainers.streamed_ce import BLOCK_COLUMNS
@@ -160,6 +165,27 @@ def _value(loss_fn: Callable[[], Tensor], leaves: list[Tensor]) -> Callable[[], 
     return call
 
 
+def _kernel_alone(call: Callable[[], object]) -> Callable[[], None]:
+    """The fused kernel's call without autograd: loss and gradients made, no graph recorded, no backward."""
+
+    def run() -> None:
+        with torch.no_grad():
+            call()
+
+    return run
+
+
+def _autograd_call() -> Callable[[], None]:
+    """A trivial forward+backward through autograd: what any loss called through autograd pays on top of its work."""
+    leaf = torch.ones(1, requires_grad=True)
+
+    def run() -> None:
+        (leaf * 1.0).sum().backward()
+        leaf.grad = None
+
+    return run
+
+
 def _column_blocks(rows: int, columns: int) -> list[Tensor]:
     return [torch.empty(rows, min(BLOCK_COLUMNS, columns - c0)) for c0 in range(0, columns, BLOCK_COLUMNS)]
 
@@ -218,6 +244,11 @@ def nt_xent_case(n: int, dim: int, temperature: float, *, use_lightly: bool) -> 
     case.contenders["floor-wide"] = floor_wide
     case.contenders["floor-2"] = floor_two
     case.contenders["floor+exp"] = floor_exp
+    module = fused_ce.load()
+    if module is not None:
+        tile_rows = streamed_ce.cpu_tile_rows(2 * n, 4, one_thread=True)  # as fused_ce.simclr_loss picks it
+        case.contenders["kernel"] = _kernel_alone(lambda: module.simclr_loss(z1, z2, 1 / temperature, tile_rows))
+    case.contenders["autograd call"] = _autograd_call()
     return case
 
 
@@ -265,6 +296,12 @@ def info_nce_case(n: int, k: int, dim: int, temperature: float, *, use_lightly: 
 
     case.contenders["floor"] = floor
     case.contenders["floor+exp"] = floor_exp
+    module = fused_ce.load()
+    if module is not None:
+        tiles = streamed_ce.cpu_block_tiles(k, 4, one_thread=True)  # as fused_ce.keyed_loss picks them
+        case.contenders["kernel"] = _kernel_alone(
+            lambda: module.keyed_loss(query, key, queue, 1 / temperature, *tiles))
+    case.contenders["autograd call"] = _autograd_call()
     return case
 
 
@@ -403,17 +440,18 @@ def main(argv: list[str] | None = None) -> None:
         # nt_xent: the backward's other bare forms; the floor is the fastest form
         other_forms = [ms.pop(name) for name in ("floor-wide", "floor-2") if name in ms]
         floor_ms = min([ms["floor"], *other_forms])
-        lightly_ms = ms.get("lightly")
+        lightly_ms, kernel_ms = ms.get("lightly"), ms.get("kernel")
         time_rows.append([
             case.label, f"{ms['ours']:.3f}", f"{ms['eager']:.3f}", f"{ms['reference']:.3f}",
             f"{lightly_ms:.3f}" if lightly_ms is not None else NOT_INSTALLED,
             " / ".join(f"{value:.3f}" for value in [ms["floor"], *other_forms]),
             f"{ms['floor+exp']:.3f}", _ratio(ms["ours"], ms["reference"]), _ratio(ms["ours"], lightly_ms),
             _ratio(ms["ours"], floor_ms), _ratio(ms["eager"], floor_ms), _ratio(ms["floor+exp"], floor_ms),
+            _ratio(kernel_ms, floor_ms), _ratio(ms["autograd call"], floor_ms),
             spread(samples["ours"]), f"{args.rounds}x{calls}",
         ])
         logits_bytes = math.prod(case.logits_shape) * 4
-        peaks = {name: peak_bytes(fn) for name, fn in case.contenders.items() if not name.startswith("floor")}
+        peaks = {name: peak_bytes(fn) for name, fn in case.contenders.items() if name in case.forwards}
         memory_rows.append([
             case.label, "x".join(map(str, case.logits_shape)), f"{logits_bytes / 2**20:.1f}",
             _mib(peaks["ours"]), _mib(peaks["eager"]), _mib(peaks["reference"]),
@@ -434,10 +472,13 @@ def main(argv: list[str] | None = None) -> None:
                          check_rows))
     print("\n## Time: median ms per forward+backward call (interleaved)\n")
     print("floor (matmuls): for nt_xent, backward as one product (G + G^T) A / as one product with [A | W A] / as"
-          " two products (G A, G^T A); ratios use the fastest.\n")
+          " two products (G A, G^T A); ratios use the fastest. kernel: ours' kernel call without autograd (loss and"
+          " gradients, no graph, no backward); autograd call: a trivial forward+backward, (x * 1.0).sum().backward()"
+          " (— where the kernel is not built).\n")
     print(markdown_table(["case", "ours", "ours eager", "reference", "lightly", "floor (matmuls)",
                           "floor + exp/sum pass", "ours/ref", "ours/lightly", "ours/floor", "eager/floor",
-                          "(floor + exp/sum)/floor", "ours spread", "rounds x calls"], time_rows))
+                          "(floor + exp/sum)/floor", "kernel/floor", "autograd call/floor", "ours spread",
+                          "rounds x calls"], time_rows))
     print("\n## Peak memory of one forward+backward (torch.profiler, CPU allocations, MiB)\n")
     print(markdown_table(["case", "logits", "one logits matrix", "ours", "ours eager", "reference", "lightly",
                           "ours in logits matrices"], memory_rows))
