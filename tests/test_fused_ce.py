@@ -281,6 +281,8 @@ def test_the_fused_path_is_skipped_where_it_does_not_apply() -> None:
     assert fused_ce.simclr_loss(z1.detach(), z2.detach(), 2.0) is None
     assert fused_ce.simclr_loss(z1, z2, 100.0) is None  # tau = 0.01: shifted logits, eager path
     assert fused_ce.keyed_loss(q, k, queue.requires_grad_(), 2.0) is None  # a queue with a gradient
+    with pytest.raises(RuntimeError, match="candidates get no gradient"):  # and the kernel itself refuses one
+        fused_ce.load().keyed_loss(q, k, queue, 2.0, 4, 6)
     with fused_ce.eager_only():
         assert fused_ce.simclr_loss(z1, z2, 2.0) is None
     assert fused_ce.simclr_loss(z1, z2, 2.0) is not None
