@@ -473,8 +473,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\n## Time: median ms per forward+backward call (interleaved)\n")
     print("floor (matmuls): for nt_xent, backward as one product (G + G^T) A / as one product with [A | W A] / as"
           " two products (G A, G^T A); ratios use the fastest. kernel: ours' kernel call without autograd (loss and"
-          " gradients, no graph, no backward); autograd call: a trivial forward+backward, (x * 1.0).sum().backward()"
-          " (— where the kernel is not built).\n")
+          " gradients, no graph, no backward; — where the kernel is not built); autograd call: a trivial"
+          " forward+backward, (x * 1.0).sum().backward().\n")
     print(markdown_table(["case", "ours", "ours eager", "reference", "lightly", "floor (matmuls)",
                           "floor + exp/sum pass", "ours/ref", "ours/lightly", "ours/floor", "eager/floor",
                           "(floor + exp/sum)/floor", "kernel/floor", "autograd call/floor", "ours spread",
