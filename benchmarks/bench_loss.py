@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from _common import calls_for, interleaved, machine_note, markdown_table, median, spread
 from torch import Tensor
 
-from trainers import fused_ce, streamed_ce
+from trainers import fused_ce
 from trainers.losses import info_nce, nt_xent
 from trainers.runtime import keep_freed_memory
 from trainers.streamed_ce import BLOCK_COLUMNS
@@ -246,7 +246,7 @@ def nt_xent_case(n: int, dim: int, temperature: float, *, use_lightly: bool) -> 
     case.contenders["floor+exp"] = floor_exp
     module = fused_ce.load()
     if module is not None:
-        tile_rows = streamed_ce.cpu_tile_rows(2 * n, 4, one_thread=True)  # as fused_ce.simclr_loss picks it
+        tile_rows = fused_ce.simclr_tile_rows(n, torch.float32)
         case.contenders["kernel"] = _kernel_alone(lambda: module.simclr_loss(z1, z2, 1 / temperature, tile_rows))
     case.contenders["autograd call"] = _autograd_call()
     return case
@@ -298,7 +298,7 @@ def info_nce_case(n: int, k: int, dim: int, temperature: float, *, use_lightly: 
     case.contenders["floor+exp"] = floor_exp
     module = fused_ce.load()
     if module is not None:
-        tiles = streamed_ce.cpu_block_tiles(k, 4, one_thread=True)  # as fused_ce.keyed_loss picks them
+        tiles = fused_ce.keyed_tiles(k, torch.float32)
         case.contenders["kernel"] = _kernel_alone(
             lambda: module.keyed_loss(query, key, queue, 1 / temperature, *tiles))
     case.contenders["autograd call"] = _autograd_call()

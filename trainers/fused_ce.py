@@ -109,6 +109,18 @@ def _usable(tensors: tuple[Tensor, ...], beta: float) -> tuple[ModuleType, torch
     return None if module is None else (module, dtype)
 
 
+def simclr_tile_rows(views_rows: int, dtype: torch.dtype) -> int:
+    """Rows per tile of the SimCLR kernel for ``views_rows`` rows per view: one thread's budget (each thread makes
+    its own tiles) of rows of ``2 * views_rows`` logits."""
+    return streamed_ce.cpu_tile_rows(2 * views_rows, dtype.itemsize, one_thread=True)
+
+
+def keyed_tiles(candidates: int, dtype: torch.dtype) -> tuple[int, int]:
+    """``(tile_rows, block_columns)`` of the MoCo kernel against ``candidates`` columns: tiles of column blocks, as
+    on the eager path (a long queue in whole rows would leave too few rows per tile), one thread's budget each."""
+    return streamed_ce.cpu_block_tiles(candidates, dtype.itemsize, one_thread=True)
+
+
 def simclr_loss(z1: Tensor, z2: Tensor, beta: float) -> Tensor | None:
     """One process's SimCLR loss (see :func:`trainers.losses.nt_xent`), or ``None`` where the fused path does
     not apply (the caller then takes the eager path)."""
@@ -116,8 +128,7 @@ def simclr_loss(z1: Tensor, z2: Tensor, beta: float) -> Tensor | None:
     if usable is None:
         return None
     module, dtype = usable  # the kernel converts to dtype and makes the inputs contiguous
-    tile_rows = streamed_ce.cpu_tile_rows(2 * z1.shape[0], dtype.itemsize, one_thread=True)  # each thread its own tiles
-    return module.simclr_loss(z1, z2, beta, tile_rows)
+    return module.simclr_loss(z1, z2, beta, simclr_tile_rows(z1.shape[0], dtype))
 
 
 def keyed_loss(queries: Tensor, keys: Tensor, unit_candidates: Tensor, beta: float) -> Tensor | None:
@@ -129,10 +140,7 @@ def keyed_loss(queries: Tensor, keys: Tensor, unit_candidates: Tensor, beta: flo
     if usable is None:
         return None
     module, dtype = usable  # the kernel converts to dtype and makes the inputs contiguous
-    # Tiles of column blocks, as on the eager path: a long queue in whole rows would leave too few rows per tile.
-    tile_rows, block_columns = streamed_ce.cpu_block_tiles(unit_candidates.shape[0], dtype.itemsize,
-                                                           one_thread=True)
-    return module.keyed_loss(queries, keys, unit_candidates, beta, tile_rows, block_columns)
+    return module.keyed_loss(queries, keys, unit_candidates, beta, *keyed_tiles(unit_candidates.shape[0], dtype))
 
 
 def main() -> int:

@@ -495,15 +495,15 @@ class FusedLossBackward : public torch::autograd::Node {
   bool released_ = false;
 };
 
-// The loss as a 0-dim tensor of the prepared inputs' dtype and, where grad mode is on and `first` or `second` (the
+// The loss as a 0-dim tensor (options: the prepared inputs') and, where grad mode is on and `first` or `second` (the
 // inputs that can take a gradient) needs one, make_node() (called only then) as its grad_fn, with an edge to each.
 template <typename MakeNode>
-at::Tensor loss_tensor(double loss, const std::vector<at::Tensor>& inputs, const at::Tensor& first,
+at::Tensor loss_tensor(double loss, const at::TensorOptions& options, const at::Tensor& first,
                        const at::Tensor& second, const MakeNode& make_node) {
   at::Tensor out;
   {
     const BelowAutograd below_autograd;
-    out = at::scalar_tensor(loss, inputs[0].options());
+    out = at::scalar_tensor(loss, options);
   }
   if (at::GradMode::is_enabled() && (first.requires_grad() || second.requires_grad())) {
     c10::intrusive_ptr<FusedLossBackward> node = make_node();
@@ -613,7 +613,7 @@ at::Tensor simclr_loss(const at::Tensor& z1, const at::Tensor& z2, double beta, 
   }
   TORCH_CHECK(inputs[0].size(0) == inputs[1].size(0), "simclr_loss: z1 and z2 differ in rows");
   auto [loss, gradients] = simclr_compute(inputs, beta, tile_rows);
-  return loss_tensor(loss, inputs, z1, z2, [&] {
+  return loss_tensor(loss, inputs[0].options(), z1, z2, [&] {
     return c10::make_intrusive<SimclrLossBackward>(inputs, std::move(gradients), tensor_list{z1, z2}, beta,
                                                    tile_rows);
   });
@@ -715,7 +715,7 @@ at::Tensor keyed_loss(const at::Tensor& queries, const at::Tensor& keys, const a
   }
   TORCH_CHECK(inputs[0].size(0) == inputs[1].size(0), "keyed_loss: queries and keys differ in rows");
   auto [loss, gradients] = keyed_compute(inputs, beta, tile_rows, block_columns, keys.requires_grad());
-  return loss_tensor(loss, inputs, queries, keys, [&] {
+  return loss_tensor(loss, inputs[0].options(), queries, keys, [&] {
     return c10::make_intrusive<KeyedLossBackward>(inputs, std::move(gradients), tensor_list{queries, keys}, beta,
                                                   tile_rows, block_columns);
   });
