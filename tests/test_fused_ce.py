@@ -318,6 +318,38 @@ def test_thread_counts_agree(threads: int) -> None:
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="the kernels split rows between threads only with two or more")
+def test_rows_split_by_the_threads_speeds_give_bitwise_equal_values() -> None:
+    """The kernels split their rows in proportion to the threads' measured speeds (a core running slower gets fewer).
+    Forced uneven splits, to the clamp (a thread gets between half and one and a half times the even share), give
+    bitwise the values of the even split; and a call on two threads keeps both threads' speeds for the next."""
+    module = fused_ce.load()
+    gen = torch.Generator().manual_seed(6)
+    z1, z2 = torch.randn(200, 64, generator=gen, requires_grad=True), torch.randn(200, 64, generator=gen,
+                                                                                  requires_grad=True)
+    q, k = torch.randn(100, 64, generator=gen, requires_grad=True), torch.randn(100, 64, generator=gen,
+                                                                                requires_grad=True)
+    queue = F.normalize(torch.randn(700, 64, generator=gen), dim=1)
+
+    def values(rates: list[float]) -> list[torch.Tensor]:
+        module.keep_thread_rates(rates)  # what the next call's first phase splits by
+        simclr = nt_xent(z1, z2, temperature=0.2)
+        module.keep_thread_rates(rates)
+        moco = info_nce(q, k, queue, temperature=0.2, unit_negatives=True)
+        return [simclr.detach(), *_grads(simclr, [z1, z2]), moco.detach(), *_grads(moco, [q, k])]
+
+    previous = module.keep_thread_rates([])
+    try:
+        even = values([0.0, 0.0])  # not measured: the even split
+        measured = module.keep_thread_rates([])
+        assert measured[0] > 0 and measured[1] > 0
+        for rates in ([1.0, 1.4], [1.4, 1.0], [1.0, 10.0], [10.0, 1.0]):
+            for got, want in zip(values(rates), even, strict=True):
+                assert torch.equal(got, want), rates
+    finally:
+        module.keep_thread_rates(previous)
+
+
 def _row_kernels() -> list[str]:
     module = fused_ce.load()
     return [] if module is None else module.row_kernel_names()

@@ -29,7 +29,9 @@
 #include <c10/util/ParallelGuard.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -57,6 +59,50 @@ using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 constexpr double kNormEps = 1e-12;  // as F.normalize
 constexpr int64_t kGrain = 16;      // rows per parallel chunk: a row is a few hundred flops
+
+// ------------------------------------------------------------------------------- optional phase timers
+//
+// For benchmarks/bench_loss_phases.py, which builds this file a second time with -DCONTRASTIVE_STUDY_PHASE_TIMERS:
+// each thread then adds the wall time of its steps to its own row of phase_microseconds, and phase_times() hands
+// the means per call out. In the build the losses use, PHASE_SPAN is nothing.
+enum PhaseSlot : int {
+  kNormalise,         // the inputs to unit rows (and the positives' logits)
+  kLogitsProducts,    // the products that make the logits
+  kExpPass,           // exp of every logit and each row's sum
+  kScaling,           // SimCLR: E scaled by (w_r + w_c)
+  kGradientProducts,  // the products that make the gradient rows
+  kGradientRows,      // the gradient rows' weighting and normalisation backward
+  kRegion,            // the thread's time in the parallel region, waiting at its barriers included
+  kCall,              // the caller: the whole kernel call (inputs, allocations, region, loss and node)
+  kSlots
+};
+#ifdef CONTRASTIVE_STUDY_PHASE_TIMERS
+constexpr int kTimedThreads = 8;
+double phase_microseconds[kTimedThreads][kSlots] = {};
+int64_t timed_calls = 0;
+
+class PhaseSpan {
+ public:
+  explicit PhaseSpan(PhaseSlot slot) : slot_(slot), start_(std::chrono::steady_clock::now()) {}
+  PhaseSpan(const PhaseSpan&) = delete;
+  PhaseSpan& operator=(const PhaseSpan&) = delete;
+  ~PhaseSpan() {
+    const int thread = at::get_thread_num();
+    if (thread < kTimedThreads) {
+      phase_microseconds[thread][slot_] +=
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start_).count();
+    }
+    if (slot_ == kCall) ++timed_calls;
+  }
+
+ private:
+  PhaseSlot slot_;
+  std::chrono::steady_clock::time_point start_;
+};
+#define PHASE_SPAN(slot) const PhaseSpan phase_span_##slot(slot)
+#else
+#define PHASE_SPAN(slot)
+#endif
 
 // ------------------------------------------------------------------------------------------- row kernels
 //
@@ -315,7 +361,11 @@ void exp_logits_rows(const at::Tensor& rows, const at::Tensor& columns, scalar_t
     for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {
       const int64_t r1 = std::min(r0 + tile_rows, end);
       at::Tensor tile = exp_logits.narrow(0, r0, r1 - r0).narrow(1, c0, c1 - c0);  // rows of stride num_columns
-      at::mm_out(tile, rows.narrow(0, r0, r1 - r0), block_t);  // the cosines; beta goes on in exp_sum
+      {
+        PHASE_SPAN(kLogitsProducts);
+        at::mm_out(tile, rows.narrow(0, r0, r1 - r0), block_t);  // the cosines; beta goes on in exp_sum
+      }
+      PHASE_SPAN(kExpPass);
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* row = e + r * num_columns;
         scalar_t sum;
@@ -363,6 +413,7 @@ void run_phases(int64_t work, const Phases&... phases) {
   if (!parallel) {
     at::internal::ThreadIdGuard thread_guard(0);
     c10::ParallelGuard parallel_guard(true);
+    PHASE_SPAN(kRegion);
     (phases(0, 1), ...);
     return;
   }
@@ -376,6 +427,7 @@ void run_phases(int64_t work, const Phases&... phases) {
     at::internal::ThreadIdGuard thread_guard(static_cast<int>(thread));
     c10::ParallelGuard parallel_guard(true);
     const BelowAutograd below_autograd;  // the caller's guard is thread-local: the team's others need their own
+    PHASE_SPAN(kRegion);
     bool first = true;
     const auto run = [&](const auto& phase) {
       if (!first) {
@@ -400,6 +452,76 @@ void run_phases(int64_t work, const Phases&... phases) {
 inline std::pair<int64_t, int64_t> thread_share(int64_t count, int64_t thread, int64_t threads) {
   const int64_t chunk = (count + threads - 1) / threads;
   return {std::min(count, thread * chunk), std::min(count, (thread + 1) * chunk)};
+}
+
+// ----------------------------------------------------------------------------- rows balanced between threads
+//
+// On a shared host one core can run well below the other's speed for seconds at a time (benchmarks/
+// bench_loss_phases.py showed rounds with one thread's products taking 1.2-1.45x the other's); with an even split the
+// faster thread then waits at every barrier and at the end. So the phases that make E and the gradient split their
+// rows in proportion to the threads' speeds on the phase before (SimCLR's gradient phase: this call's exp phase;
+// the first: the last call's last phase), where the speeds differ by more than kDeadband. A row's values do not
+// depend on which thread makes it: its products are the same single-threaded BLAS calls on tiles of at least kGrain
+// rows (MKL's rows agreed bitwise for every split tried from 5 rows up; 1 and 3 differ; tests/test_fused_ce.py
+// checks forced splits), and its exp, sums and gradient are its own. In an A/B of 100 alternating blocks (SimCLR
+// N = 256, AMD EPYC): 0.949x the time in the 24 blocks where the even split's threads differed by over 10%, 0.998x
+// in the 68 within 5%.
+constexpr int64_t kMaxBalanced = 8;  // threads whose speeds are measured; beyond that the split is even
+constexpr double kDeadband = 0.05;   // relative speeds within 1 +- kDeadband split evenly
+
+using Rates = std::array<float, kMaxBalanced>;  // rows per microsecond of each thread in one phase; 0: not measured
+std::array<std::atomic<float>, kMaxBalanced> last_rates;  // the last call's last phase (zero-initialised: static)
+
+Rates kept_rates() {
+  Rates rates;
+  for (int64_t t = 0; t < kMaxBalanced; ++t) rates[t] = last_rates[t].load(std::memory_order_relaxed);
+  return rates;
+}
+
+void keep_rates(const Rates& rates) {
+  for (int64_t t = 0; t < kMaxBalanced; ++t) last_rates[t].store(rates[t], std::memory_order_relaxed);
+}
+
+// Thread `thread`'s rows [begin, end) of `count`, in proportion to the threads' `rates` (each share within half and
+// one and a half times the even one, at least kGrain rows), or thread_share's even split where they are not all
+// measured or all within the deadband.
+std::pair<int64_t, int64_t> balanced_share(int64_t count, int64_t thread, int64_t threads, const Rates& rates) {
+  if (threads < 2 || threads > kMaxBalanced || count < threads * kGrain) return thread_share(count, thread, threads);
+  double total = 0;
+  for (int64_t t = 0; t < threads; ++t) {
+    if (!(rates[t] > 0)) return thread_share(count, thread, threads);
+    total += rates[t];
+  }
+  std::array<double, kMaxBalanced> speed;
+  bool even = true;
+  for (int64_t t = 0; t < threads; ++t) {
+    speed[t] = std::clamp(rates[t] * static_cast<double>(threads) / total, 0.5, 1.5);
+    even = even && std::abs(speed[t] - 1) < kDeadband;
+  }
+  if (even) return thread_share(count, thread, threads);
+  double sum = 0;
+  for (int64_t t = 0; t < threads; ++t) sum += speed[t];
+  const auto boundary = [&](int64_t t) -> int64_t {  // the first row of thread t
+    if (t == 0) return 0;
+    if (t == threads) return count;
+    double before = 0;
+    for (int64_t u = 0; u < t; ++u) before += speed[u];
+    return std::clamp<int64_t>(std::llround(static_cast<double>(count) * before / sum), t * kGrain,
+                               count - (threads - t) * kGrain);
+  };
+  return {boundary(thread), boundary(thread + 1)};
+}
+
+// work(begin, end) on the thread's balanced share of `count` rows (by `rates`); its rate goes into measured[thread].
+template <typename Work>
+void balanced_rows(int64_t count, int64_t thread, int64_t threads, const Rates& rates, Rates& measured,
+                   const Work& work) {
+  const auto [begin, end] = balanced_share(count, thread, threads, rates);
+  const auto start = std::chrono::steady_clock::now();
+  work(begin, end);
+  const double microseconds =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+  if (thread < kMaxBalanced) measured[thread] = static_cast<float>((end - begin) / std::max(microseconds, 1e-3));
 }
 
 // --------------------------------------------------------------------------- gradients made in the forward
@@ -550,9 +672,12 @@ LossAndGradients simclr_loss_and_gradients(const at::Tensor& z1, const at::Tenso
   // Minus one at the positive, once for row r (a[p(r)]) and once for column r, which is the positive of row p(r)
   // (p(p(r)) = r), so a[p(r)] again: -2 * scale * beta * a[p(r)].
   const scalar_t minus = static_cast<scalar_t>(-2 * scale * beta);
+  const Rates previous_rates = kept_rates();
+  Rates exp_rates{}, gradient_rates{};
   run_phases(
       rows,
       [&](int64_t thread, int64_t threads) {  // image i's two views, rows i and n + i, in one pass over the pair
+        PHASE_SPAN(kNormalise);
         const auto [begin, end] = thread_share(n, thread, threads);
         for (int64_t i = begin; i < end; ++i) {
           const scalar_t dot12 = unit_pair(x1 + i * dim, x2 + i * dim, u + i * dim, u + (n + i) * dim, inv + i,
@@ -561,23 +686,33 @@ LossAndGradients simclr_loss_and_gradients(const at::Tensor& z1, const at::Tenso
         }
       },
       [&](int64_t thread, int64_t threads) {
-        const auto [begin, end] = thread_share(rows, thread, threads);
-        exp_logits_rows(unit, unit, beta, /*zero_diagonal=*/true, tile_rows, rows, begin, end, exp_logits, z);
-        for (int64_t r = begin; r < end; ++r) w[r] = static_cast<scalar_t>(scale * beta / static_cast<double>(z[r]));
+        balanced_rows(rows, thread, threads, previous_rates, exp_rates, [&](int64_t begin, int64_t end) {
+          exp_logits_rows(unit, unit, beta, /*zero_diagonal=*/true, tile_rows, rows, begin, end, exp_logits, z);
+          for (int64_t r = begin; r < end; ++r) w[r] = static_cast<scalar_t>(scale * beta / static_cast<double>(z[r]));
+        });
       },
       [&](int64_t thread, int64_t threads) {
-        const auto [begin, end] = thread_share(rows, thread, threads);
-        for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {  // a tile's scaling just before its product
-          const int64_t r1 = std::min(r0 + tile_rows, end);
-          for (int64_t r = r0; r < r1; ++r) scale_symmetric_row(e + r * rows, w, w[r], rows);
-          at::Tensor grad_tile = grad.narrow(0, r0, r1 - r0);
-          at::mm_out(grad_tile, exp_logits.narrow(0, r0, r1 - r0), unit);
-          for (int64_t r = r0; r < r1; ++r) {
-            const scalar_t* a_positive = u + ((r + n) % rows) * dim;
-            combine_unit_backward(g + r * dim, scalar_t(1), a_positive, minus, u + r * dim, inv[r], dim);
+        balanced_rows(rows, thread, threads, exp_rates, gradient_rates, [&](int64_t begin, int64_t end) {
+          for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {  // a tile's scaling just before its product
+            const int64_t r1 = std::min(r0 + tile_rows, end);
+            {
+              PHASE_SPAN(kScaling);
+              for (int64_t r = r0; r < r1; ++r) scale_symmetric_row(e + r * rows, w, w[r], rows);
+            }
+            {
+              PHASE_SPAN(kGradientProducts);
+              at::Tensor grad_tile = grad.narrow(0, r0, r1 - r0);
+              at::mm_out(grad_tile, exp_logits.narrow(0, r0, r1 - r0), unit);
+            }
+            PHASE_SPAN(kGradientRows);
+            for (int64_t r = r0; r < r1; ++r) {
+              const scalar_t* a_positive = u + ((r + n) % rows) * dim;
+              combine_unit_backward(g + r * dim, scalar_t(1), a_positive, minus, u + r * dim, inv[r], dim);
+            }
           }
-        }
+        });
       });
+  keep_rates(gradient_rates);
   return {mean_loss(z, pos, rows), {grad.narrow(0, 0, n), grad.narrow(0, n, n)}};  // both views in one matrix
 }
 
@@ -606,6 +741,7 @@ class SimclrLossBackward : public FusedLossBackward {
 };
 
 at::Tensor simclr_loss(const at::Tensor& z1, const at::Tensor& z2, double beta, int64_t tile_rows) {
+  PHASE_SPAN(kCall);
   tensor_list inputs;
   {
     const at::NoGradGuard no_grad;  // a dtype conversion here is data for the kernel, not a step of the graph
@@ -641,35 +777,47 @@ LossAndGradients keyed_loss_and_gradients(const at::Tensor& queries, const at::T
   scalar_t* inv = row_values.data_ptr<scalar_t>();  // the queries' inverse norms
   scalar_t *kinv = inv + rows, *pos = kinv + rows, *z = pos + rows;  // the keys', the positives' logits, Z
   const double scale = 1.0 / static_cast<double>(rows);
+  const Rates previous_rates = kept_rates();
+  Rates rates{};
   run_phases(rows, [&](int64_t thread, int64_t threads) {
-    const auto [begin, end] = thread_share(rows, thread, threads);
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t dot_qk = unit_pair(xq + r * dim, xk + r * dim, ap + r * dim, kp + r * dim, inv + r, kinv + r, dim);
-      pos[r] = beta * dot_qk * inv[r] * kinv[r];
-    }
-    exp_logits_rows(a, candidates, beta, /*zero_diagonal=*/false, tile_rows, block_columns, begin, end, exp_logits,
-                    z);
-    for (int64_t r = begin; r < end; ++r) z[r] += std::exp(pos[r]);  // the positive key's term of the sum
-    for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {
-      const int64_t r1 = std::min(r0 + tile_rows, end);
-      at::Tensor grad_tile = grad.narrow(0, r0, r1 - r0);
-      at::mm_out(grad_tile, exp_logits.narrow(0, r0, r1 - r0), candidates);  // E @ B, rows weighted below
-    }
-    for (int64_t r = begin; r < end; ++r) {
-      // the softmax weights E / Z; the positive key's weight minus one; both with beta and the mean's 1/R
-      const double z_r = z[r];
-      const scalar_t weight = static_cast<scalar_t>(scale * beta / z_r);
-      const double positive_weight = std::exp(static_cast<double>(pos[r])) / z_r;
-      const scalar_t key_factor = static_cast<scalar_t>((positive_weight - 1) * scale * beta);
-      const scalar_t *ar = ap + r * dim, *kr = kp + r * dim;
-      combine_unit_backward(g + r * dim, weight, kr, key_factor, ar, inv[r], dim);
-      if (gk != nullptr) {  // the key's gradient: a * key_factor through the key's normalisation
-        scalar_t* gkr = gk + r * dim;
-        std::copy(ar, ar + dim, gkr);
-        combine_unit_backward(gkr, key_factor, ar, scalar_t(0), kr, kinv[r], dim);
+    balanced_rows(rows, thread, threads, previous_rates, rates, [&](int64_t begin, int64_t end) {
+      {
+        PHASE_SPAN(kNormalise);
+        for (int64_t r = begin; r < end; ++r) {
+          const scalar_t dot_qk =
+              unit_pair(xq + r * dim, xk + r * dim, ap + r * dim, kp + r * dim, inv + r, kinv + r, dim);
+          pos[r] = beta * dot_qk * inv[r] * kinv[r];
+        }
       }
-    }
+      exp_logits_rows(a, candidates, beta, /*zero_diagonal=*/false, tile_rows, block_columns, begin, end, exp_logits,
+                      z);
+      for (int64_t r = begin; r < end; ++r) z[r] += std::exp(pos[r]);  // the positive key's term of the sum
+      {
+        PHASE_SPAN(kGradientProducts);
+        for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {
+          const int64_t r1 = std::min(r0 + tile_rows, end);
+          at::Tensor grad_tile = grad.narrow(0, r0, r1 - r0);
+          at::mm_out(grad_tile, exp_logits.narrow(0, r0, r1 - r0), candidates);  // E @ B, rows weighted below
+        }
+      }
+      PHASE_SPAN(kGradientRows);
+      for (int64_t r = begin; r < end; ++r) {
+        // the softmax weights E / Z; the positive key's weight minus one; both with beta and the mean's 1/R
+        const double z_r = z[r];
+        const scalar_t weight = static_cast<scalar_t>(scale * beta / z_r);
+        const double positive_weight = std::exp(static_cast<double>(pos[r])) / z_r;
+        const scalar_t key_factor = static_cast<scalar_t>((positive_weight - 1) * scale * beta);
+        const scalar_t *ar = ap + r * dim, *kr = kp + r * dim;
+        combine_unit_backward(g + r * dim, weight, kr, key_factor, ar, inv[r], dim);
+        if (gk != nullptr) {  // the key's gradient: a * key_factor through the key's normalisation
+          scalar_t* gkr = gk + r * dim;
+          std::copy(ar, ar + dim, gkr);
+          combine_unit_backward(gkr, key_factor, ar, scalar_t(0), kr, kinv[r], dim);
+        }
+      }
+    });
   });
+  keep_rates(rates);
   return {mean_loss(z, pos, rows), {grad, grad_keys}};
 }
 
@@ -706,6 +854,7 @@ class KeyedLossBackward : public FusedLossBackward {
 
 at::Tensor keyed_loss(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& candidates, double beta,
                       int64_t tile_rows, int64_t block_columns) {
+  PHASE_SPAN(kCall);
   TORCH_CHECK(!(candidates.requires_grad() && at::GradMode::is_enabled()),
               "keyed_loss: the candidates get no gradient here; pass them detached");
   tensor_list inputs;
@@ -727,6 +876,19 @@ std::vector<std::string> row_kernel_names() {
   std::vector<std::string> names;
   for (const RowKernels& kernels : supported_row_kernels()) names.emplace_back(kernels.isa);
   return names;
+}
+
+// The threads' speeds the next call's first balanced phase splits by (rows per microsecond, 0: not measured, even
+// split); returns those kept before. Tests force uneven splits with it.
+std::vector<double> keep_thread_rates(const std::vector<double>& rates) {
+  std::vector<double> previous;
+  Rates kept{};
+  for (int64_t t = 0; t < kMaxBalanced; ++t) {
+    previous.push_back(last_rates[t].load(std::memory_order_relaxed));
+    if (t < static_cast<int64_t>(rates.size())) kept[t] = static_cast<float>(rates[t]);
+  }
+  keep_rates(kept);
+  return previous;
 }
 
 std::string use_row_kernels(const std::string& name) {
@@ -761,13 +923,34 @@ void scale_symmetric_rows(at::Tensor e, const at::Tensor& f) {
   }
 }
 
+#ifdef CONTRASTIVE_STUDY_PHASE_TIMERS
+// The phase timers' means per kernel call since the last call of this, microseconds: one row per thread (of the
+// first kTimedThreads), one column per PhaseSlot, and the number of calls. Then they restart from zero.
+std::pair<at::Tensor, int64_t> phase_times() {
+  at::Tensor means = at::empty({kTimedThreads, kSlots}, at::kDouble);
+  double* out = means.data_ptr<double>();
+  const double calls = static_cast<double>(std::max<int64_t>(timed_calls, 1));
+  for (int t = 0; t < kTimedThreads; ++t) {
+    for (int slot = 0; slot < kSlots; ++slot) out[t * kSlots + slot] = phase_microseconds[t][slot] / calls;
+  }
+  const int64_t counted = timed_calls;
+  std::memset(phase_microseconds, 0, sizeof phase_microseconds);
+  timed_calls = 0;
+  return {means, counted};
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef CONTRASTIVE_STUDY_PHASE_TIMERS
+  m.def("phase_times", &phase_times, "Mean microseconds per call by thread and phase since the last call; calls");
+#endif
   m.def("simclr_loss", &simclr_loss, "One process's SimCLR loss of views z1, z2 (n, D) at inverse temperature beta");
   m.def("keyed_loss", &keyed_loss, "MoCo's InfoNCE of queries and keys (n, D) against unit candidates (K, D)");
   m.def("row_kernel_names", &row_kernel_names, "The float32 row kernels this CPU supports, best (the one used) first");
   m.def("use_row_kernels", &use_row_kernels, "Use these row kernels from now on (tests); returns the previous");
+  m.def("keep_thread_rates", &keep_thread_rates, "The threads' speeds the next call splits its rows by (tests)");
   m.def("exp_sum_rows", &exp_sum_rows, "In place exp(beta * x) of each row; the row sums");
   m.def("scale_symmetric_rows", &scale_symmetric_rows, "In place e[r, c] *= f[r] + f[c]");
 }
