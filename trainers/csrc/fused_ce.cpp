@@ -4,10 +4,11 @@
 //
 // Why: at small sizes (SimCLR at N = 256, MoCo at K = 4096) the matrix products take well under a millisecond, and
 // the general path's ~35 small eager ops, each a Python call through the dispatcher, plus a Python autograd
-// Function, cost as much again. Here each thread takes one run of rows and does all of their work: it makes their
-// logits tile by tile with a single-threaded product, exponentiates and sums each tile while it is in that core's
-// cache, then scales and multiplies its own rows of E for the gradient, in the forward, all in one parallel region
-// (see "gradients made in the forward" below). The only ATen calls left are the products.
+// Function, cost as much again. Here each thread takes one run of rows (sized by the threads' measured speeds, see
+// "rows balanced between threads") and does all of their work: it makes their logits tile by tile with a
+// single-threaded product, exponentiates and sums each tile while it is in that core's cache, then scales and
+// multiplies its rows of E for the gradient, in the forward, all in one parallel region (see "gradients made in the
+// forward" below). The only ATen calls left are the products.
 //
 //   simclr_loss(z1, z2, beta, tile_rows): one process's SimCLR. Rows are [z1; z2], row r's positive is the other
 //     view of its image, column (r + n) mod 2n, and an anchor is not its own negative. With unit rows a, the
@@ -457,7 +458,7 @@ inline std::pair<int64_t, int64_t> thread_share(int64_t count, int64_t thread, i
 // ----------------------------------------------------------------------------- rows balanced between threads
 //
 // On a shared host one core can run well below the other's speed for seconds at a time (benchmarks/
-// bench_loss_phases.py showed rounds with one thread's products taking 1.2-1.45x the other's); with an even split the
+// bench_loss_phases.py showed rounds with one thread's products taking 1.4-1.5x the other's); with an even split the
 // faster thread then waits at every barrier and at the end. So the phases that make E and the gradient split their
 // rows in proportion to the threads' speeds on the phase before (SimCLR's gradient phase: this call's exp phase;
 // the first: the last call's last phase), where the speeds differ by more than kDeadband. A row's values do not
