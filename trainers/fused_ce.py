@@ -2,7 +2,8 @@
 
 ``csrc/fused_ce.cpp`` computes one process's SimCLR loss and MoCo's InfoNCE (unit queue, no gradient into it)
 as :func:`trainers.streamed_ce.contrastive_cross_entropy` does, each with its own autograd node. Each thread takes one
-run of rows and does all of their work, in one parallel region: single-threaded products tile by tile (one thread's
+run of rows (sized by the threads' measured speeds, so that a core running slower on a shared host gets fewer) and
+does all of their work, in one parallel region: single-threaded products tile by tile (one thread's
 tile budget), each tile exponentiated and summed in that core's cache by vectorised row loops (AVX-512, AVX2 or
 baseline builds of the same loops, picked at run time), then its own rows of E scaled and multiplied for the
 gradient. The gradient is made in the forward (a loss is a scalar: the backward only scales it where the upstream
