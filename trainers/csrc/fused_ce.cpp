@@ -66,6 +66,10 @@ constexpr int64_t kGrain = 16;      // rows per parallel chunk: a row is a few h
 // For benchmarks/bench_loss_phases.py, which builds this file a second time with -DCONTRASTIVE_STUDY_PHASE_TIMERS:
 // each thread then adds the wall time of its steps to its own row of phase_microseconds, and phase_times() hands
 // the means per call out. In the build the losses use, PHASE_SPAN is nothing.
+inline double microseconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+}
+
 enum PhaseSlot : int {
   kNormalise,         // the inputs to unit rows (and the positives' logits)
   kLogitsProducts,    // the products that make the logits
@@ -89,10 +93,7 @@ class PhaseSpan {
   PhaseSpan& operator=(const PhaseSpan&) = delete;
   ~PhaseSpan() {
     const int thread = at::get_thread_num();
-    if (thread < kTimedThreads) {
-      phase_microseconds[thread][slot_] +=
-          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start_).count();
-    }
+    if (thread < kTimedThreads) phase_microseconds[thread][slot_] += microseconds_since(start_);
     if (slot_ == kCall) ++timed_calls;
   }
 
@@ -500,17 +501,18 @@ std::pair<int64_t, int64_t> balanced_share(int64_t count, int64_t thread, int64_
     even = even && std::abs(speed[t] - 1) < kDeadband;
   }
   if (even) return thread_share(count, thread, threads);
-  double sum = 0;
-  for (int64_t t = 0; t < threads; ++t) sum += speed[t];
-  const auto boundary = [&](int64_t t) -> int64_t {  // the first row of thread t
+  double sum = 0, before = 0;  // all threads' speeds, and those of the threads before this one
+  for (int64_t t = 0; t < threads; ++t) {
+    sum += speed[t];
+    if (t < thread) before += speed[t];
+  }
+  const auto boundary = [&](int64_t t, double cumulative) -> int64_t {  // the first row of thread t
     if (t == 0) return 0;
     if (t == threads) return count;
-    double before = 0;
-    for (int64_t u = 0; u < t; ++u) before += speed[u];
-    return std::clamp<int64_t>(std::llround(static_cast<double>(count) * before / sum), t * kGrain,
+    return std::clamp<int64_t>(std::llround(static_cast<double>(count) * cumulative / sum), t * kGrain,
                                count - (threads - t) * kGrain);
   };
-  return {boundary(thread), boundary(thread + 1)};
+  return {boundary(thread, before), boundary(thread + 1, before + speed[thread])};
 }
 
 // work(begin, end) on the thread's balanced share of `count` rows (by `rates`); its rate goes into measured[thread].
@@ -520,9 +522,9 @@ void balanced_rows(int64_t count, int64_t thread, int64_t threads, const Rates& 
   const auto [begin, end] = balanced_share(count, thread, threads, rates);
   const auto start = std::chrono::steady_clock::now();
   work(begin, end);
-  const double microseconds =
-      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
-  if (thread < kMaxBalanced) measured[thread] = static_cast<float>((end - begin) / std::max(microseconds, 1e-3));
+  if (thread < kMaxBalanced) {
+    measured[thread] = static_cast<float>((end - begin) / std::max(microseconds_since(start), 1e-3));
+  }
 }
 
 // --------------------------------------------------------------------------- gradients made in the forward
