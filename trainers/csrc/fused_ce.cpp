@@ -398,6 +398,17 @@ std::vector<at::Tensor> prepare_inputs(const std::vector<at::Tensor>& tensors) {
   return prepared;
 }
 
+// The most threads run_phases(work, ...) runs its phases on: 1 where it runs on the calling thread alone.
+int64_t phase_threads(int64_t work) {
+  at::internal::lazy_init_num_threads();
+#ifdef _OPENMP
+  if (work > kGrain && !at::in_parallel_region()) {
+    return std::min<int64_t>(at::get_num_threads(), (work + kGrain - 1) / kGrain);
+  }
+#endif
+  return 1;  // a build without OpenMP (the flags ask for it): at::parallel_for is serial there too
+}
+
 // One parallel region whose threads run the phases in order, a barrier between phases: phase(thread, threads) for
 // thread in [0, threads), threads at most one per kGrain items of `work`. Like at::parallel_for, it runs on the
 // calling thread alone where the work is small, torch has one thread, or the caller is in a parallel region
@@ -406,13 +417,7 @@ std::vector<at::Tensor> prepare_inputs(const std::vector<at::Tensor>& tensors) {
 // An exception in a phase is rethrown after the region; every thread still reaches every barrier.
 template <typename... Phases>
 void run_phases(int64_t work, const Phases&... phases) {
-  at::internal::lazy_init_num_threads();
-#ifdef _OPENMP
-  const bool parallel = work > kGrain && !at::in_parallel_region() && at::get_num_threads() > 1;
-#else
-  const bool parallel = false;  // a build without OpenMP (the flags ask for it): at::parallel_for is serial there too
-#endif
-  if (!parallel) {
+  if (phase_threads(work) < 2) {
     at::internal::ThreadIdGuard thread_guard(0);
     c10::ParallelGuard parallel_guard(true);
     PHASE_SPAN(kRegion);
@@ -650,10 +655,22 @@ double mean_loss(const T* partition, const T* positive, int64_t rows) {
 
 // -------------------------------------------------------------------------------------------------- SimCLR
 
+// Threads up to which each thread of the SimCLR kernel makes its own copy of all unit rows (beyond: one copy, each
+// thread normalising its share). Every thread's products read every unit row, and a row that another core wrote has
+// to come over from that core's cache. On this VM the cores' cache-line round trip (/tmp ping-pong, two threads
+// pinned to the two vCPUs) moved between about 60 and 600 ns from one second to the next, as the host placed the
+// vCPUs on near or distant cores; in the distant stretches the kernel took 1.2-1.3x its time in the near ones while
+// the floor's products (no data between the cores) did not slow. Normalising all rows costs each thread another
+// 7 us or so at N = 256 (about 1% of its products) and a copy of the rows; with many threads both grow with the
+// count, hence the bound. A/B at N = 256 on 2 threads, blocks classified by the round trip around them: 0.88x the
+// time in the distant stretches, 0.99-1.00x in the near ones; N = 1024: 1.01x.
+constexpr int64_t kOwnCopiesThreads = 4;
+
 // The loss and its gradient (upstream gradient 1) of views z1, z2, in one parallel region of three phases:
-//   1. the unit rows a = [z1; z2] / norms and the positives' logits;
+//   1. the unit rows a = [z1; z2] / norms and the positives' logits, all of them in each thread's own copy (up to
+//      kOwnCopiesThreads threads; beyond, each thread its share of one copy);
 //   2. each thread's rows of E = exp(beta a a^T) (diagonal zeroed) and their sums Z (every thread's products need
-//      every unit row, hence the barrier before);
+//      every unit row, hence the barrier before where the copy is shared);
 //   3. the gradient. With P = W E the softmax (W = diag(w), w = 1/Z) and logits beta a a^T, the partition terms'
 //      gradient is beta (P + P^T) a = beta (W E + E W) a: each thread scales its rows of E by (w_r + w_c) (every
 //      row's w, hence the barrier before), multiplies them by a and takes the result through the normalisation.
@@ -662,15 +679,25 @@ template <typename scalar_t>
 LossAndGradients simclr_loss_and_gradients(const at::Tensor& z1, const at::Tensor& z2, scalar_t beta,
                                            int64_t tile_rows) {
   const int64_t n = z1.size(0), rows = 2 * n, dim = z1.size(1);
-  at::Tensor unit = at::empty({rows, dim}, z1.options());
+  const int64_t threads_at_most = phase_threads(rows);
+  const bool own_copies = threads_at_most <= kOwnCopiesThreads;
+  const int64_t copies = own_copies ? threads_at_most : 1;
+  at::Tensor units = at::empty({copies, rows, dim}, z1.options());
+  at::Tensor copy_values = at::empty({copies, 2, rows}, z1.options());  // each copy's inverse norms and positives
   at::Tensor exp_logits = at::empty({rows, rows}, z1.options());
-  at::Tensor row_values = at::empty({4, rows}, z1.options());
+  at::Tensor row_values = at::empty({2, rows}, z1.options());
   at::Tensor grad = at::empty({rows, dim}, z1.options());
   const scalar_t* x1 = z1.const_data_ptr<scalar_t>();
   const scalar_t* x2 = z2.const_data_ptr<scalar_t>();
-  scalar_t *u = unit.data_ptr<scalar_t>(), *e = exp_logits.data_ptr<scalar_t>(), *g = grad.data_ptr<scalar_t>();
-  scalar_t* inv = row_values.data_ptr<scalar_t>();  // inverse norms
-  scalar_t *pos = inv + rows, *z = pos + rows, *w = z + rows;  // positives' logits, Z, w with the mean's 1/R and beta
+  scalar_t *e = exp_logits.data_ptr<scalar_t>(), *g = grad.data_ptr<scalar_t>();
+  scalar_t *z = row_values.data_ptr<scalar_t>(), *w = z + rows;  // Z, w with the mean's 1/R and beta
+  const tensor_list unit_copies = units.unbind(0);
+  scalar_t* copy_rows = copy_values.data_ptr<scalar_t>();
+  const auto copy_of = [&](int64_t thread) {  // the thread's unit rows, and its inverse norms then positives' logits
+    const int64_t copy = own_copies ? thread : 0;
+    TORCH_CHECK(copy < copies, "simclr_loss: more threads than phase_threads counted");
+    return std::pair<const at::Tensor&, scalar_t*>{unit_copies[copy], copy_rows + copy * 2 * rows};
+  };
   const double scale = 1.0 / static_cast<double>(rows);
   // Minus one at the positive, once for row r (a[p(r)]) and once for column r, which is the positive of row p(r)
   // (p(p(r)) = r), so a[p(r)] again: -2 * scale * beta * a[p(r)].
@@ -681,7 +708,9 @@ LossAndGradients simclr_loss_and_gradients(const at::Tensor& z1, const at::Tenso
       rows,
       [&](int64_t thread, int64_t threads) {  // image i's two views, rows i and n + i, in one pass over the pair
         PHASE_SPAN(kNormalise);
-        const auto [begin, end] = thread_share(n, thread, threads);
+        const auto [unit, inv] = copy_of(thread);
+        scalar_t *u = unit.template data_ptr<scalar_t>(), *pos = inv + rows;
+        const auto [begin, end] = own_copies ? std::pair<int64_t, int64_t>{0, n} : thread_share(n, thread, threads);
         for (int64_t i = begin; i < end; ++i) {
           const scalar_t dot12 = unit_pair(x1 + i * dim, x2 + i * dim, u + i * dim, u + (n + i) * dim, inv + i,
                                            inv + n + i, dim);
@@ -689,12 +718,15 @@ LossAndGradients simclr_loss_and_gradients(const at::Tensor& z1, const at::Tenso
         }
       },
       [&](int64_t thread, int64_t threads) {
+        const at::Tensor& unit = copy_of(thread).first;
         balanced_rows(rows, thread, threads, previous_rates, exp_rates, [&](int64_t begin, int64_t end) {
           exp_logits_rows(unit, unit, beta, /*zero_diagonal=*/true, tile_rows, rows, begin, end, exp_logits, z);
           for (int64_t r = begin; r < end; ++r) w[r] = static_cast<scalar_t>(scale * beta / static_cast<double>(z[r]));
         });
       },
       [&](int64_t thread, int64_t threads) {
+        const at::Tensor& unit = copy_of(thread).first;
+        const scalar_t *u = unit.const_data_ptr<scalar_t>(), *inv = copy_of(thread).second;
         balanced_rows(rows, thread, threads, exp_rates, gradient_rates, [&](int64_t begin, int64_t end) {
           for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {  // a tile's scaling just before its product
             const int64_t r1 = std::min(r0 + tile_rows, end);
@@ -716,6 +748,7 @@ LossAndGradients simclr_loss_and_gradients(const at::Tensor& z1, const at::Tenso
         });
       });
   keep_rates(gradient_rates);
+  const scalar_t* pos = copy_rows + rows;  // copy 0's: every row's, whichever the copies
   return {mean_loss(z, pos, rows), {grad.narrow(0, 0, n), grad.narrow(0, n, n)}};  // both views in one matrix
 }
 
