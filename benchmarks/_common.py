@@ -32,15 +32,19 @@ def interleaved(
     rounds: int,
     calls: int = 1,
     warmup_rounds: int = 1,
+    before_round: Callable[[], object] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds-per-call samples of every function, taken round-robin.
 
     Each round times ``calls`` consecutive calls of every function once, starting with a different function
     each round (A,B,C / B,C,A / C,A,B ...). ``warmup_rounds`` rounds are run first and discarded.
+    ``before_round`` (untimed) runs before each timed round, say to sample the machine's state.
     """
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(warmup_rounds + rounds):
+        if before_round is not None and round_index >= warmup_rounds:
+            before_round()
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             seconds = time_calls(fns[name], calls)

@@ -37,8 +37,11 @@ What is measured, per call (median over interleaved rounds, in milliseconds):
 
 Every row's contenders are timed in the same process, round-robin (ours, reference, lightly, floor, then again
 with the order rotated), after a warm-up round; each sample averages enough back-to-back calls to last about
-``--target-ms``. Ratios are of medians. Values are checked first: loss and input gradients of ours against the
-reference and lightly (relative tolerance 1e-5 on the loss; the max abs differences are printed).
+``--target-ms``. Ratios are of medians. Before each round the cores' cache-line round trip is sampled
+(``benchmarks/round_trip.py``): on a VM it moves with where the host puts the vCPUs, and code whose threads pass
+data between the cores slows with it where the bare products do not; the table gives its median and range per row.
+Values are checked first: loss and input gradients of ours against the reference and lightly (relative tolerance
+1e-5 on the loss; the max abs differences are printed).
 
 Peak memory is measured, not estimated: one extra (untimed) call under ``torch.profiler`` with
 ``profile_memory=True``; the peak is the running sum of the CPU allocations and frees recorded during the
@@ -74,6 +77,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from _common import calls_for, interleaved, machine_note, markdown_table, median, spread
+from round_trip import round_trip_ns
 from torch import Tensor
 
 from trainers import fused_ce
@@ -435,7 +439,14 @@ def main(argv: list[str] | None = None) -> None:
                                "ok" if check.ok[name] else "MISMATCH"])
 
         calls = calls_for(case.contenders["ours"], args.target_ms / 1e3)
-        samples = interleaved(case.contenders, rounds=args.rounds, calls=calls)
+        trips: list[float] = []  # the cores' cache-line round trip before each round
+
+        def sample_round_trip(trips: list[float] = trips) -> None:
+            value = round_trip_ns()
+            if value is not None:
+                trips.append(value)
+
+        samples = interleaved(case.contenders, rounds=args.rounds, calls=calls, before_round=sample_round_trip)
         ms = {name: median(values) * 1e3 for name, values in samples.items()}
         # nt_xent: the backward's other bare forms; the floor is the fastest form
         other_forms = [ms.pop(name) for name in ("floor-wide", "floor-2") if name in ms]
@@ -449,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
             _ratio(ms["ours"], floor_ms), _ratio(ms["eager"], floor_ms), _ratio(ms["floor+exp"], floor_ms),
             _ratio(kernel_ms, floor_ms), _ratio(ms["autograd call"], floor_ms),
             spread(samples["ours"]), f"{args.rounds}x{calls}",
+            f"{median(trips):.0f} ({min(trips):.0f}-{max(trips):.0f})" if trips else "n/a",
         ])
         logits_bytes = math.prod(case.logits_shape) * 4
         peaks = {name: peak_bytes(fn) for name, fn in case.contenders.items() if name in case.forwards}
@@ -474,11 +486,12 @@ def main(argv: list[str] | None = None) -> None:
     print("floor (matmuls): for nt_xent, backward as one product (G + G^T) A / as one product with [A | W A] / as"
           " two products (G A, G^T A); ratios use the fastest. kernel: ours' kernel call without autograd (loss and"
           " gradients, no graph, no backward; — where the kernel is not built); autograd call: a trivial"
-          " forward+backward, (x * 1.0).sum().backward().\n")
+          " forward+backward, (x * 1.0).sum().backward(). round trip: the cores' cache-line round trip before each"
+          " round (benchmarks/round_trip.py), median (range).\n")
     print(markdown_table(["case", "ours", "ours eager", "reference", "lightly", "floor (matmuls)",
                           "floor + exp/sum pass", "ours/ref", "ours/lightly", "ours/floor", "eager/floor",
                           "(floor + exp/sum)/floor", "kernel/floor", "autograd call/floor", "ours spread",
-                          "rounds x calls"], time_rows))
+                          "rounds x calls", "round trip ns"], time_rows))
     print("\n## Peak memory of one forward+backward (torch.profiler, CPU allocations, MiB)\n")
     print(markdown_table(["case", "logits", "one logits matrix", "ours", "ours eager", "reference", "lightly",
                           "ours in logits matrices"], memory_rows))

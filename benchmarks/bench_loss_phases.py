@@ -16,7 +16,9 @@ each thread its products and its time waiting (its time in the parallel region m
 for the other thread, and at the end). Then the medians over rounds of every step, per thread. A thread whose
 products or waiting stand out in some rounds shows the machine's state in those rounds (on a shared host one core
 can run slower than the other for seconds); rounds where both threads' steps slow while the floor does not show
-memory contention (the floor's operands stay in each core's L2; ours streams its inputs and logits through L3).
+memory contention (the floor's operands stay in each core's L2; ours streams its inputs and logits through L3). The
+last column is the cores' cache-line round trip sampled before the round (``benchmarks/round_trip.py``): how far
+apart the host has put the two vCPUs at that moment.
 
 Run (about 30 s per case):
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from _common import calls_for, machine_note, markdown_table, median, time_calls
 from bench_loss import DIM, INFO_NCE_TEMPERATURE, NT_XENT_TEMPERATURE, QUERIES, info_nce_case, nt_xent_case
+from round_trip import round_trip_ns
 
 from trainers import fused_ce
 from trainers.runtime import keep_freed_memory
@@ -124,6 +127,7 @@ def run(case: Case, module: object, rounds: int, target_s: float) -> None:
     module.phase_times()  # type: ignore[attr-defined]  # drop the warm-up's
     round_rows, per_round = [], []
     for index in range(rounds):
+        trip = round_trip_ns()
         order = [case.floor, case.ours] if index % 2 == 0 else [case.ours, case.floor]
         seconds = {}
         for fn in order:
@@ -141,11 +145,13 @@ def run(case: Case, module: object, rounds: int, target_s: float) -> None:
         round_rows.append([index, f"{floor_us:.0f}", f"{ours_us:.0f}", f"{ours_us / floor_us:.3f}", f"{call:.0f}",
                            f"{ours_us - call:.0f}", f"{one:.0f}",
                            " / ".join(f"{products[t]:.0f}" for t in threads),
-                           " / ".join(f"{waiting[t]:.0f}" for t in threads)])
+                           " / ".join(f"{waiting[t]:.0f}" for t in threads),
+                           "n/a" if trip is None else f"{trip:.0f}"])
         assert counted == calls, f"timed {counted} kernel calls, expected {calls}"
     print(f"## {case.label}: {rounds} rounds of {calls} calls each (microseconds per call)\n")
     print(markdown_table(["round", "floor", "ours", "ours/floor", "kernel call", "autograd + Python (ours - call)",
-                          "one thread's products alone", "products by thread", "waiting by thread"], round_rows))
+                          "one thread's products alone", "products by thread", "waiting by thread",
+                          "round trip ns"], round_rows))
     threads = sorted(per_round[0][0])
     summary = []
     for t in threads:
