@@ -1,18 +1,19 @@
 """The fused C++ kernel of the two common contrastive losses, built on first use, with the eager path as fallback.
 
-``csrc/fused_ce.cpp`` computes one process's SimCLR loss and MoCo's InfoNCE (unit queue, no gradient into it)
-as :func:`trainers.streamed_ce.contrastive_cross_entropy` does, each with its own autograd node. Each thread takes one
+``csrc/fused_ce.cpp`` computes one process's SimCLR loss and MoCo's InfoNCE (unit queue, no gradient into it) as
+:func:`trainers.streamed_ce.contrastive_cross_entropy` does, each with its own autograd node. Each thread takes one
 run of rows (sized by the threads' measured speeds, so that a core running slower on a shared host gets fewer) and
-does all of their work, in one parallel region: single-threaded products tile by tile (one thread's
-tile budget), each tile exponentiated and summed in that core's cache by vectorised row loops (AVX-512, AVX2 or
-baseline builds of the same loops, picked at run time), then its own rows of E scaled and multiplied for the
-gradient. The gradient is made in the forward (a loss is a scalar: the backward only scales it where the upstream
-gradient is not 1), so E is freed before the forward returns and the loss keeps only gradients the size of its
-inputs until the backward. At small sizes that removes most of the eager path's cost beyond the products (about 35
-small Python-level ops and a Python autograd Function); ``benchmarks/bench_loss.py`` times both against the
-products alone. Two differences in arithmetic: SimCLR's gradient here is ``(W E + E W) @ a`` (E scaled in place,
-one product of D columns), where the eager path makes one product ``E @ [a | W a]`` of 2D columns; and the exp is
-the kernel's own, within 1.5 ulp (ATen's: 1). The two paths agree to float rounding (tests/test_fused_ce.py
+does all of their work, in one parallel region (with up to four threads each SimCLR thread normalises every row into
+its own copy of the unit rows, so no thread's products read rows another core wrote): single-threaded products tile
+by tile (one thread's tile budget), each tile exponentiated and summed in that core's cache by vectorised row loops
+(AVX-512, AVX2 or baseline builds of the same loops, picked at run time), then its own rows of E scaled and
+multiplied for the gradient. The gradient is made in the forward (a loss is a scalar: the backward only scales it
+where the upstream gradient is not 1), so E is freed before the forward returns and the loss keeps only gradients
+the size of its inputs until the backward. At small sizes that removes most of the eager path's cost beyond the
+products (about 35 small Python-level ops and a Python autograd Function); ``benchmarks/bench_loss.py`` times both
+against the products alone. Two differences in arithmetic: SimCLR's gradient here is ``(W E + E W) @ a`` (E scaled
+in place, one product of D columns), where the eager path makes one product ``E @ [a | W a]`` of 2D columns; and the
+exp is the kernel's own, within 1.5 ulp (ATen's: 1). The two paths agree to float rounding (tests/test_fused_ce.py
 compares them).
 
 The kernel is compiled with the machine's C++ compiler through ``torch.utils.cpp_extension`` (about 30 s, once;

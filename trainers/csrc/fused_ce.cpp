@@ -657,13 +657,14 @@ double mean_loss(const T* partition, const T* positive, int64_t rows) {
 
 // Threads up to which each thread of the SimCLR kernel makes its own copy of all unit rows (beyond: one copy, each
 // thread normalising its share). Every thread's products read every unit row, and a row that another core wrote has
-// to come over from that core's cache. On this VM the cores' cache-line round trip (/tmp ping-pong, two threads
-// pinned to the two vCPUs) moved between about 60 and 600 ns from one second to the next, as the host placed the
-// vCPUs on near or distant cores; in the distant stretches the kernel took 1.2-1.3x its time in the near ones while
-// the floor's products (no data between the cores) did not slow. Normalising all rows costs each thread another
+// to come over from that core's cache. On this project's 2-vCPU VM the cores' cache-line round trip
+// (benchmarks/round_trip.py) moves between about 60 and 700 ns from one second to the next, as the host places the
+// vCPUs on near or distant cores; with one shared copy the kernel (forward + backward, N = 256) took 1.29x and 1.42x
+// the bare products' time in the distant stretches of two A/B runs, against 1.16-1.20x in the near ones, while the
+// products themselves (no data between the cores) did not slow. Normalising all rows costs each thread another
 // 7 us or so at N = 256 (about 1% of its products) and a copy of the rows; with many threads both grow with the
-// count, hence the bound. A/B at N = 256 on 2 threads, blocks classified by the round trip around them: 0.88x the
-// time in the distant stretches, 0.99-1.00x in the near ones; N = 1024: 1.01x.
+// count, hence the bound. A/B at N = 256 on 2 threads, blocks classified by the round trip around them (/tmp
+// script): 0.88x the time in the distant stretches, 0.98-1.00x in the near ones; N = 1024: 1.01x.
 constexpr int64_t kOwnCopiesThreads = 4;
 
 // The loss and its gradient (upstream gradient 1) of views z1, z2, in one parallel region of three phases:
