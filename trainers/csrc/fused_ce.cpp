@@ -661,10 +661,11 @@ double mean_loss(const T* partition, const T* positive, int64_t rows) {
 // (benchmarks/round_trip.py) moves between about 60 and 700 ns from one second to the next, as the host places the
 // vCPUs on near or distant cores; with one shared copy the kernel (forward + backward, N = 256) took 1.29x and 1.42x
 // the bare products' time in the distant stretches of two A/B runs, against 1.16-1.20x in the near ones, while the
-// products themselves (no data between the cores) did not slow. Normalising all rows costs each thread another
-// 7 us or so at N = 256 (about 1% of its products) and a copy of the rows; with many threads both grow with the
-// count, hence the bound. A/B at N = 256 on 2 threads, blocks classified by the round trip around them (/tmp
-// script): 0.88x the time in the distant stretches, 0.98-1.00x in the near ones; N = 1024: 1.01x.
+// products themselves (no data between the cores) did not slow. Each thread then normalises twice the rows (at
+// N = 256, 22-23 us per call in a slow stretch against 15-23 us for its half before; 1-2% of its products) and the
+// rows take a copy more memory per thread; with many threads both grow with the count, hence the bound. A/B at
+// N = 256 on 2 threads, blocks classified by the round trip around them (/tmp script): 0.88x the time in the distant
+// stretches, 0.98-1.00x in the near ones; N = 1024: 1.01x.
 constexpr int64_t kOwnCopiesThreads = 4;
 
 // The loss and its gradient (upstream gradient 1) of views z1, z2, in one parallel region of three phases:
@@ -726,8 +727,9 @@ LossAndGradients simclr_loss_and_gradients(const at::Tensor& z1, const at::Tenso
         });
       },
       [&](int64_t thread, int64_t threads) {
-        const at::Tensor& unit = copy_of(thread).first;
-        const scalar_t *u = unit.const_data_ptr<scalar_t>(), *inv = copy_of(thread).second;
+        const auto copy = copy_of(thread);  // not a structured binding: the lambda below captures it
+        const at::Tensor& unit = copy.first;
+        const scalar_t *u = unit.const_data_ptr<scalar_t>(), *inv = copy.second;
         balanced_rows(rows, thread, threads, exp_rates, gradient_rates, [&](int64_t begin, int64_t end) {
           for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {  // a tile's scaling just before its product
             const int64_t r1 = std::min(r0 + tile_rows, end);
