@@ -13,7 +13,11 @@ Part 1, the step (random views, no data loading). Interleaved round-robin in one
 
 All models use the method's own optimizer settings (``build_optimizer``: SGD, momentum 0.9, weight decay).
 Images/s counts images (pairs of views), i.e. ``batch / step time``; the ratio step/plain is the cost of the head,
-loss, diagnostics and method bookkeeping on top of the backbone.
+loss, diagnostics and method bookkeeping on top of the backbone: the ratio of the medians, and beside it ("same
+round") the median over rounds of each round's step/plain, which a drift of the machine's speed over the run moves
+less. That cost is within about 1% (the backbone's passes with the head, then the loss, then the diagnostics added
+took 0.99-1.01x the time of the passes alone, interleaved in a /tmp script) and one step's sample spreads by 2-5%,
+hence 15 rounds.
 
 Part 2, the epoch: ``Trainer.train_epoch()`` on a real Fashion-MNIST subset (``TrainConfig(pretrain_subset=...,
 probe=False, baselines=False, monitor_bank_size=0)``) for each ``loader_workers`` value, interleaved with a
@@ -26,7 +30,7 @@ Threads: torch's default (one per core here) unless ``--threads``; on this 2-cor
 makes 2 threads much slower than 1 (OpenMP barriers wait for a descheduled thread), so compare runs only
 at the same ``--threads`` and read the load average printed with each table.
 
-Run (about 1.5 minutes on 2 idle cores, 2.5 with ``--threads 1``; ``--quick`` under 1 minute):
+Run (about 2.5 minutes on 2 idle cores, 4 with ``--threads 1``; ``--quick`` under 1 minute):
 
     .venv/bin/python benchmarks/bench_step.py
     .venv/bin/python benchmarks/bench_step.py --quick
@@ -105,12 +109,14 @@ def step_part(args: argparse.Namespace) -> str:
     s = {name: median(values) for name, values in samples.items()}
     rows = []
     for method, plain in (("simclr step", "plain 2 x fwd+bwd"), ("moco step", "plain 1 x fwd+bwd + 1 x no-grad fwd")):
+        paired = median([a / b for a, b in zip(samples[method], samples[plain], strict=True)])
         rows.append([method, _ips(args.batch, s[method]), plain, _ips(args.batch, s[plain]),
-                     f"{s[method] / s[plain]:.2f}x", spread(samples[method]), spread(samples[plain])])
+                     f"{s[method] / s[plain]:.3f}x", f"{paired:.3f}x", spread(samples[method]), spread(samples[plain])])
     header = (f"## Step: {args.backbone}, {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, "
               f"MoCo queue {args.queue}, {args.rounds} interleaved rounds\n")
     return header + "\n" + markdown_table(
-        ["step", "images/s", "baseline", "baseline images/s", "time step/baseline", "spread step", "spread baseline"],
+        ["step", "images/s", "baseline", "baseline images/s", "time step/baseline", "same round", "spread step",
+         "spread baseline"],
         rows,
     )
 
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=28, help="step part: side of the random images")
     parser.add_argument("--channels", type=int, default=1, help="step part: channels of the random images")
     parser.add_argument("--queue", type=int, default=4096, help="MoCo queue length K")
-    parser.add_argument("--rounds", type=int, default=7, help="step part: timed rounds (quick: 3)")
+    parser.add_argument("--rounds", type=int, default=15, help="step part: timed rounds (quick: 3)")
     parser.add_argument("--subset", type=int, default=1024, help="epoch part: pretraining images (quick: 512)")
     parser.add_argument("--epoch-rounds", type=int, default=3, help="epoch part: timed epochs each (quick: 2)")
     parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 1], help="epoch part: values to try")
