@@ -417,7 +417,8 @@ int64_t phase_threads(int64_t work) {
 // An exception in a phase is rethrown after the region; every thread still reaches every barrier.
 template <typename... Phases>
 void run_phases(int64_t work, const Phases&... phases) {
-  if (phase_threads(work) < 2) {
+  const int64_t most = phase_threads(work);  // read before the region: inside it, it would say 1
+  if (most < 2) {
     at::internal::ThreadIdGuard thread_guard(0);
     c10::ParallelGuard parallel_guard(true);
     PHASE_SPAN(kRegion);
@@ -429,7 +430,7 @@ void run_phases(int64_t work, const Phases&... phases) {
   std::exception_ptr error;
 #pragma omp parallel  // no num_threads clause, as at::parallel_for (GOMP's thread pool, pytorch#32008)
   {
-    const int64_t threads = std::min<int64_t>(omp_get_num_threads(), (work + kGrain - 1) / kGrain);
+    const int64_t threads = std::min<int64_t>(omp_get_num_threads(), most);
     const int64_t thread = omp_get_thread_num();
     at::internal::ThreadIdGuard thread_guard(static_cast<int>(thread));
     c10::ParallelGuard parallel_guard(true);
